@@ -1,10 +1,30 @@
 """Iterative plane fit with outlier rejection, as Montage's mFitplane does it.
 
-(Kernel under construction; the result type is final.)
+Pure computation on a difference image. The fit follows mFitplane exactly so that
+fits.tbl rows are identical to Montage's:
+
+* coordinates ``x = i - crpix1``, ``y = j - crpix2`` for 0-based column ``i``, row ``j``;
+* exactly 20 iterations of a least-squares fit of ``a*x + b*y + c`` in which, after the
+  first, pixels further than ``2*rms`` from the previous plane are rejected;
+* sums accumulated sequentially in scan order and the 3x3 normal equations solved by
+  Gauss-Jordan elimination with full pivoting, which reproduces Montage's doubles;
+* ``npixel`` and ``rms`` from the last rms pass, ``xmin``..``ycenter`` from the last fit.
+
+Iterations stop early once the state ``(a, b, c, rms)`` repeats bit for bit: every
+later iteration would then reproduce it, so the result is the same as after 20.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from diffit.boundingbox import bounding_box
+
+N_ITERATIONS = 20
+
+_SINGULAR_MESSAGES = {1: "Singular Matrix-1", 2: "Singular Matrix-2"}
 
 
 class FitError(Exception):
@@ -37,3 +57,231 @@ class PlaneFit:
     boxwidth: float
     boxheight: float
     boxang: float
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _solve3(m, v):  # pragma: no cover - jitted
+    """Gauss-Jordan elimination with full pivoting on a 3x3 system, in place.
+
+    Returns 0 on success (``v`` holds the solution), 1 when a pivot is chosen twice
+    ("Singular Matrix-1") and 2 on an exactly zero pivot ("Singular Matrix-2").
+    """
+    n = 3
+    used = np.zeros(n, dtype=np.int64)
+    row = 0
+    col = 0
+    for step in range(n):
+        largest = 0.0
+        for r in range(n):
+            if used[r] == 1:
+                continue
+            for c in range(n):
+                if used[c] == 0:
+                    if abs(m[r, c]) >= largest:
+                        largest = abs(m[r, c])
+                        row = r
+                        col = c
+                elif used[c] > 1:
+                    return 1
+        used[col] += 1
+        if row != col:
+            for c in range(n):
+                tmp = m[row, c]
+                m[row, c] = m[col, c]
+                m[col, c] = tmp
+            tmp = v[row]
+            v[row] = v[col]
+            v[col] = tmp
+        if m[col, col] == 0.0:
+            return 2
+        inverse = 1.0 / m[col, col]
+        m[col, col] = 1.0
+        for c in range(n):
+            m[col, c] *= inverse
+        v[col] *= inverse
+        for r in range(n):
+            if r != col:
+                factor = m[r, col]
+                m[r, col] = 0.0
+                for c in range(n):
+                    m[r, c] -= m[col, c] * factor
+                v[r] -= v[col] * factor
+    return 0
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _valid_pixels(image, crpix1, crpix2):  # pragma: no cover - jitted
+    """Coordinates and values of the finite pixels, in scan order."""
+    ny, nx = image.shape
+    n = 0
+    for j in range(ny):
+        for i in range(nx):
+            if np.isfinite(image[j, i]):
+                n += 1
+    xs = np.empty(n)
+    ys = np.empty(n)
+    zs = np.empty(n)
+    k = 0
+    for j in range(ny):
+        y = j - crpix2
+        for i in range(nx):
+            z = image[j, i]
+            if np.isfinite(z):
+                xs[k] = i - crpix1
+                ys[k] = y
+                zs[k] = z
+                k += 1
+    return xs, ys, zs
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _same(x, y):  # pragma: no cover - jitted
+    """True when two doubles are identical, including the sign of zero."""
+    return x == y and np.signbit(x) == np.signbit(y)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _fit_kernel(xs, ys, zs, level_only, n_iterations):  # pragma: no cover - jitted
+    """Montage's iterative clipped plane fit over compacted pixels.
+
+    Returns ``(status, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms)``.
+    """
+    n = xs.shape[0]
+    m = np.empty((3, 3))
+    v = np.zeros(3)
+    a = 0.0
+    b = 0.0
+    c = 0.0
+    rms = 0.0
+    xmin = xmax = ymin = ymax = 0.0
+    xcenter = ycenter = 0.0
+    npixel = 0.0
+    for iteration in range(n_iterations):
+        sxx = syy = sxy = sx = sy = sxz = syz = sz = sn = 0.0
+        xmin = 1000000.0
+        xmax = -1000000.0
+        ymin = 1000000.0
+        ymax = -1000000.0
+        clip = rms > 0.0
+        limit = 2.0 * rms
+        for k in range(n):
+            x = xs[k]
+            y = ys[k]
+            z = zs[k]
+            if clip:
+                if abs(z - (a * x + b * y + c)) > limit:
+                    continue
+            sxx += x * x
+            syy += y * y
+            sxy += x * y
+            sx += x
+            sy += y
+            sxz += x * z
+            syz += y * z
+            sz += z
+            sn += 1.0
+            if x < xmin:
+                xmin = x
+            if x > xmax:
+                xmax = x
+            if y < ymin:
+                ymin = y
+            if y > ymax:
+                ymax = y
+        xcenter = sx / sn
+        ycenter = sy / sn
+        if level_only:
+            new_a = 0.0
+            new_b = 0.0
+            new_c = sz / sn
+        else:
+            m[0, 0] = sxx
+            m[0, 1] = sxy
+            m[0, 2] = sx
+            m[1, 0] = sxy
+            m[1, 1] = syy
+            m[1, 2] = sy
+            m[2, 0] = sx
+            m[2, 1] = sy
+            m[2, 2] = sn
+            v[0] = sxz
+            v[1] = syz
+            v[2] = sz
+            status = _solve3(m, v)
+            if status != 0:
+                return (status, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+            new_a = v[0]
+            new_b = v[1]
+            new_c = v[2]
+        szz = 0.0
+        count = 0.0
+        clip_rms = iteration > 0
+        for k in range(n):
+            dz = abs(zs[k] - (new_a * xs[k] + new_b * ys[k] + new_c))
+            if clip_rms and dz > limit:
+                continue
+            szz += dz * dz
+            count += 1.0
+        new_rms = np.sqrt(szz / count)
+        converged = (
+            iteration >= 1
+            and _same(new_a, a) and _same(new_b, b) and _same(new_c, c) and _same(new_rms, rms)
+        )
+        a = new_a
+        b = new_b
+        c = new_c
+        rms = new_rms
+        npixel = count
+        if converged:
+            break
+    return (0, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms)
+
+
+def fit_plane(
+    image: np.ndarray, crpix1: float, crpix2: float, level_only: bool = False
+) -> PlaneFit:
+    """Fit a plane to a difference image with Montage's iterative 2-sigma clipping.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Difference image (2-D); NaN and infinite pixels are blank.
+    crpix1, crpix2 : float
+        Reference pixel of the image (as read back from its FITS header).
+    level_only : bool, optional
+        Fit only the level ``c`` (``a = b = 0``).
+
+    Returns
+    -------
+    PlaneFit
+
+    Raises
+    ------
+    FitError
+        "Too few pixels to fit" for images narrower than 2 pixels (unless
+        ``level_only``), "Singular Matrix-1"/"Singular Matrix-2" when the normal
+        equations have an exactly singular pivot.
+    """
+    ny, nx = image.shape
+    if not level_only and (nx < 2 or ny < 2):
+        raise FitError("Too few pixels to fit")
+    image = np.ascontiguousarray(image, dtype=np.float64)
+    crpix1 = float(crpix1)
+    crpix2 = float(crpix2)
+    xs, ys, zs = _valid_pixels(image, crpix1, crpix2)
+    (status, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms) = _fit_kernel(
+        xs, ys, zs, bool(level_only), N_ITERATIONS
+    )
+    if status:
+        raise FitError(_SINGULAR_MESSAGES[status])
+    boxx, boxy, boxwidth, boxheight, boxang = bounding_box(image, crpix1, crpix2)
+    if boxwidth == 0.0:
+        boxx, boxwidth, boxang = xmin, 1.0, 0.0
+    if boxheight == 0.0:
+        boxy, boxheight, boxang = ymin, 1.0, 0.0
+    return PlaneFit(
+        a=a, b=b, c=c, crpix1=crpix1, crpix2=crpix2,
+        xmin=xmin, xmax=xmax, ymin=ymin, ymax=ymax,
+        xcenter=xcenter, ycenter=ycenter, npixel=int(npixel), rms=rms,
+        boxx=boxx, boxy=boxy, boxwidth=boxwidth, boxheight=boxheight, boxang=boxang,
+    )
