@@ -1,0 +1,224 @@
+"""Template (.hdr) and image-header parsing.
+
+The template is Montage's text header: one FITS card per line. It is validated once
+per run (Montage re-validates it for every pair) and its pixel grid is read the way
+mDiff reads it: the keyword is the first token of the line, the value the next token
+(quotes and ``=`` skipped), converted with C ``atoi``/``atof`` and the last occurrence
+winning.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from astropy.io import fits
+
+from diffit.geometry import GridGeometry
+
+_REQUIRED = ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "CTYPE1", "CTYPE2",
+             "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2")
+_CD_KEYS = ("CD1_1", "CD1_2", "CD2_1", "CD2_2")
+_INT_PREFIX = re.compile(r"\s*[+-]?\d+")
+_FLOAT_PREFIX = re.compile(
+    r"\s*[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)", re.IGNORECASE
+)
+
+
+class TemplateError(ValueError):
+    """The template header is missing, unreadable or incomplete."""
+
+
+def c_atoi(text: str) -> int:
+    """C ``atoi``: the leading integer of ``text`` (after blanks), else 0."""
+    match = _INT_PREFIX.match(text)
+    return int(match.group()) if match else 0
+
+
+def c_atof(text: str) -> float:
+    """C ``atof``: the leading floating-point number of ``text``, else 0.0."""
+    match = _FLOAT_PREFIX.match(text)
+    return float(match.group()) if match else 0.0
+
+
+def _keyword_and_value(line: str) -> tuple[str, str]:
+    """Split a template line as mDiff's simple parser does."""
+    line = line[:80].ljust(80)
+    rest = line.lstrip(" ")
+    keyword = re.match(r"[^ =]*", rest).group()
+    rest = rest[len(keyword):].lstrip("= '")
+    value = re.match(r"[^ ']*", rest).group()
+    return keyword, value
+
+
+@dataclass(frozen=True)
+class Template:
+    """A validated template header.
+
+    Attributes
+    ----------
+    path : str
+        The template file, as given.
+    geometry : GridGeometry
+        NAXIS1/2 and CRPIX1/2 as mDiff reads them.
+    header : astropy.io.fits.Header
+        All cards, for the headers of kept difference images.
+    """
+
+    path: str
+    geometry: GridGeometry
+    header: fits.Header = field(compare=False)
+
+
+def _looks_like_fits(raw: bytes) -> bool:
+    return raw.startswith(b"SIMPLE  =") and b"\n" not in raw[:2880]
+
+
+def read_template(path: str | os.PathLike) -> Template:
+    """Read and validate a Montage text header template.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.hdr`` file.
+
+    Returns
+    -------
+    Template
+
+    Raises
+    ------
+    TemplateError
+        With a one-line message naming the file and the problem.
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as stream:
+            raw = stream.read()
+    except FileNotFoundError:
+        raise TemplateError(f"Template file {name} not found") from None
+    except IsADirectoryError:
+        raise TemplateError(f"Template file {name} is a directory") from None
+    except OSError as error:
+        raise TemplateError(f"Template file {name} cannot be read: {error.strerror}") from None
+    if _looks_like_fits(raw):
+        raise TemplateError(f"FITS file ({name}) cannot be used as a header template")
+    if b"\0" in raw:
+        raise TemplateError(f"Template file {name} is not a text header (binary content)")
+    text = raw.decode("latin-1")
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not any(line.strip() for line in lines):
+        raise TemplateError(f"Template file {name} is empty")
+    if any(len(line) > 80 for line in lines):
+        raise TemplateError(
+            f"Template file {name}: FITS header lines cannot be greater than 80 characters"
+        )
+    values: dict[str, str] = {}
+    for line in lines:
+        keyword, value = _keyword_and_value(line)
+        values[keyword] = value
+    for keyword in _REQUIRED:
+        if keyword not in values:
+            raise TemplateError(f"Template file {name}: no {keyword} keyword")
+    if not any(k in values for k in _CD_KEYS):
+        for keyword in ("CDELT1", "CDELT2"):
+            if keyword not in values:
+                raise TemplateError(
+                    f"Template file {name}: no {keyword} keyword (or incomplete CD matrix)"
+                )
+    header = _parse_cards(name, lines)
+    for axis in ("1", "2"):
+        ctype = str(header.get("CTYPE" + axis, ""))
+        if len(ctype) < 8:
+            raise TemplateError(f"Template file {name}: CTYPE{axis} must be at least 8 characters")
+    projection1 = _projection(str(header["CTYPE1"]))
+    projection2 = _projection(str(header["CTYPE2"]))
+    if not projection1 or not projection2:
+        raise TemplateError(f"Template file {name}: invalid CTYPE1 or CTYPE2 projection")
+    if projection1 != projection2:
+        raise TemplateError(f"Template file {name}: CTYPE1, CTYPE2 projection mismatch")
+    geometry = GridGeometry(
+        naxis1=c_atoi(values["NAXIS1"]),
+        naxis2=c_atoi(values["NAXIS2"]),
+        crpix1=c_atof(values["CRPIX1"]),
+        crpix2=c_atof(values["CRPIX2"]),
+    )
+    if geometry.naxis1 <= 0 or geometry.naxis2 <= 0:
+        raise TemplateError(f"Template file {name}: NAXIS1/NAXIS2 must be positive")
+    if not (math.isfinite(geometry.crpix1) and math.isfinite(geometry.crpix2)):
+        raise TemplateError(f"Template file {name}: CRPIX1/CRPIX2 must be finite numbers")
+    return Template(path=name, geometry=geometry, header=header)
+
+
+def _projection(ctype: str) -> str:
+    """Projection code of a CTYPE value: what follows the run of dashes."""
+    stripped = ctype.split("-", 1)
+    return stripped[1].lstrip("-").strip() if len(stripped) == 2 else ""
+
+
+def _parse_cards(name: str, lines: list[str]) -> fits.Header:
+    cards = [line for line in lines if line.strip() and line.split()[0] != "END"]
+    header = fits.Header()
+    for line in cards:
+        try:
+            card = fits.Card.fromstring(line.ljust(80))
+            card.verify("silentfix")
+            if card.keyword in ("", "END"):
+                continue
+            header.append(card, end=True)
+        except Exception as error:  # astropy raises several types on bad cards
+            raise TemplateError(f"Template file {name}: bad header card {line.strip()!r} ({error})") from None
+    return header
+
+
+def pixel_matrix(header) -> tuple[float, float, float, float] | None:
+    """The 2x2 pixel-to-intermediate-world matrix of a FITS header, or None without one.
+
+    CD keywords take precedence, then PCi_j times CDELTi, then CDELTi with CROTA2.
+    """
+    get = header.get
+    if any(k in header for k in _CD_KEYS):
+        return tuple(float(get(k, 0.0)) for k in _CD_KEYS)  # type: ignore[return-value]
+    if "CDELT1" not in header or "CDELT2" not in header:
+        return None
+    cdelt1 = float(get("CDELT1"))
+    cdelt2 = float(get("CDELT2"))
+    if any(k in header for k in ("PC1_1", "PC1_2", "PC2_1", "PC2_2")):
+        pc = (float(get("PC1_1", 1.0)), float(get("PC1_2", 0.0)),
+              float(get("PC2_1", 0.0)), float(get("PC2_2", 1.0)))
+        return (cdelt1 * pc[0], cdelt1 * pc[1], cdelt2 * pc[2], cdelt2 * pc[3])
+    rotation = math.radians(float(get("CROTA2", 0.0)))
+    cos, sin = math.cos(rotation), math.sin(rotation)
+    return (cdelt1 * cos, -cdelt2 * sin, cdelt1 * sin, cdelt2 * cos)
+
+
+def grid_mismatch(template: fits.Header, image) -> str | None:
+    """Why ``image`` is not on the template's pixel grid, or None when it is (or can't tell).
+
+    Compares projection types, reference values and pixel matrices where the image
+    header has them; a header without WCS keywords is taken on trust, as Montage does.
+
+    Parameters
+    ----------
+    template, image : astropy.io.fits.Header or mapping
+        Headers to compare.
+    """
+    for axis in ("1", "2"):
+        key = "CTYPE" + axis
+        if key in image and str(image[key]).strip() != str(template.get(key, "")).strip():
+            return f"{key} {str(image[key]).strip()!r} differs from the template's"
+    template_matrix = pixel_matrix(template)
+    image_matrix = pixel_matrix(image)
+    if template_matrix is not None and image_matrix is not None:
+        scale = max(abs(v) for v in template_matrix) or 1.0
+        if any(abs(a - b) > 1e-6 * scale for a, b in zip(template_matrix, image_matrix)):
+            return "pixel scale/rotation (CDELT/CD) differs from the template's"
+        for axis in ("1", "2"):
+            key = "CRVAL" + axis
+            if key in image and key in template:
+                if abs(float(image[key]) - float(template[key])) > 1e-4 * scale:
+                    return f"{key} differs from the template's"
+    return None

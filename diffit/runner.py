@@ -1,0 +1,400 @@
+"""The scheduler and collector: fan overlap pairs out to joblib workers, gather rows.
+
+The overlap table is streamed in batches of consecutive pairs (consecutive pairs in an
+mOverlaps table share images, so a worker's open-file cache serves them), a bounded
+number of batches is in flight at once, and the collector writes rows to fits.tbl in
+input order as soon as they are contiguous, so memory stays flat however long the
+table is. Every finished batch is appended to a journal beside the output, which makes
+an interrupted run resumable; fits.tbl itself appears only at the end, by a rename.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import joblib
+
+from diffit.fitsio import ImageReader
+from diffit.headers import Template, read_template
+from diffit.pair import PairOptions, PairOutcome, process_pair
+from diffit.tables import FITS_TBL_HEADER, OverlapPair, iter_overlap_table
+
+log = logging.getLogger(__name__)
+
+JOURNAL_SUFFIX = ".journal"
+_READER: ImageReader | None = None
+
+
+class RunError(Exception):
+    """A global fault: nothing was computed, or the output could not be written."""
+
+
+class Interrupted(Exception):
+    """The run was interrupted; completed pairs are in the journal."""
+
+    def __init__(self, done: int, total: int, journal: str) -> None:
+        super().__init__(f"interrupted after {done} of {total} pairs; rerun with --resume")
+        self.done = done
+        self.total = total
+        self.journal = journal
+
+
+@dataclass
+class RunResult:
+    """Outcome of a run: Montage's counters plus, optionally, every pair's outcome.
+
+    Attributes
+    ----------
+    count : int
+        Records in the overlap table (blank lines included, as Montage counts them).
+    diff_failed, fit_failed, warning : int
+        Montage's counters (``warning`` is always 0, as in Montage's library).
+    failures : list of PairOutcome
+        Every pair that failed, with its reason.
+    outcomes : list of PairOutcome or None
+        Every pair's outcome in table order, when requested.
+    """
+
+    count: int = 0
+    diff_failed: int = 0
+    fit_failed: int = 0
+    warning: int = 0
+    failures: list[PairOutcome] = field(default_factory=list)
+    outcomes: list[PairOutcome] | None = None
+
+    @property
+    def succeeded(self) -> int:
+        """Pairs with a fits.tbl row."""
+        return self.count - self.diff_failed - self.fit_failed
+
+    def tally(self, outcome: PairOutcome) -> None:
+        """Count one pair's outcome."""
+        self.count += 1
+        if outcome.stage == "diff":
+            self.diff_failed += 1
+        elif outcome.stage == "fit":
+            self.fit_failed += 1
+        if outcome.stage != "ok":
+            self.failures.append(outcome)
+        if self.outcomes is not None:
+            self.outcomes.append(outcome)
+
+
+def _worker_reader() -> ImageReader:
+    global _READER
+    if _READER is None:
+        _READER = ImageReader(max_open=32)
+    return _READER
+
+
+def process_batch(
+    batch: list[OverlapPair], template: Template, options: PairOptions
+) -> list[PairOutcome]:
+    """Process consecutive pairs in one worker (the joblib task)."""
+    reader = _worker_reader()
+    return [process_pair(pair, template, options, reader) for pair in batch]
+
+
+def _batches(pairs: Iterable[OverlapPair], size: int) -> Iterator[list[OverlapPair]]:
+    iterator = iter(pairs)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _count_records(path: str) -> int:
+    return sum(1 for _ in iter_overlap_table(path))
+
+
+def default_jobs() -> int:
+    """All cores available to this process."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _outcome_record(outcome: PairOutcome) -> dict:
+    return {"index": outcome.index, "stage": outcome.stage, "reason": outcome.reason,
+            "row": outcome.row, "cntr1": outcome.cntr1, "cntr2": outcome.cntr2,
+            "plus": outcome.plus, "minus": outcome.minus, "diff": outcome.diff}
+
+
+@dataclass(frozen=True)
+class _JournalOutcome(PairOutcome):
+    """A pair outcome restored from the journal (its row is stored as text)."""
+
+    stored_row: str | None = None
+
+    @property
+    def row(self) -> str | None:  # type: ignore[override]
+        return self.stored_row
+
+
+class _Journal:
+    """Append-only record of finished pairs, for resuming an interrupted run."""
+
+    def __init__(self, path: str, signature: dict) -> None:
+        self.path = path
+        self.signature = signature
+
+    def load(self) -> dict[int, dict]:
+        """Records of a previous run with the same signature (empty when none)."""
+        if not os.path.exists(self.path):
+            return {}
+        done: dict[int, dict] = {}
+        with open(self.path, encoding="utf-8") as stream:
+            first = stream.readline()
+            try:
+                if json.loads(first) != self.signature:
+                    raise RunError(
+                        f"journal {self.path} belongs to a run with other inputs or options;"
+                        " remove it or rerun without --resume"
+                    )
+            except json.JSONDecodeError:
+                raise RunError(f"journal {self.path} is corrupt; remove it") from None
+            for line in stream:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line from a crash: that batch is redone
+                done[record["index"]] = record
+        return done
+
+    def open(self, keep: dict[int, dict]) -> None:
+        directory = os.path.dirname(self.path) or "."
+        handle, temporary = tempfile.mkstemp(prefix=".diffit-journal-", dir=directory)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(json.dumps(self.signature) + "\n")
+            for record in keep.values():
+                stream.write(json.dumps(record) + "\n")
+        os.replace(temporary, self.path)
+        self._stream = open(self.path, "a", encoding="utf-8")
+
+    def append(self, outcomes: list[PairOutcome]) -> None:
+        self._stream.write("".join(json.dumps(_outcome_record(o)) + "\n" for o in outcomes))
+        self._stream.flush()
+
+    def close(self) -> None:
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            stream.close()
+
+    def remove(self) -> None:
+        self.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class _OrderedWriter:
+    """Writes rows to a temporary fits.tbl in table order, renamed into place at the end."""
+
+    def __init__(self, output: str) -> None:
+        directory = os.path.dirname(output) or "."
+        if not os.path.isdir(directory):
+            raise RunError(f"Can't open output file {output}: folder {directory} does not exist")
+        try:
+            handle, self.temporary = tempfile.mkstemp(prefix=".diffit-", suffix=".tbl", dir=directory)
+        except OSError as error:
+            raise RunError(f"Can't open output file {output}: {error.strerror}") from None
+        self.output = output
+        self.stream = os.fdopen(handle, "w", encoding="ascii")
+        self.stream.write(FITS_TBL_HEADER)
+        self.next_index = 0
+        self.pending: dict[int, str | None] = {}
+
+    def add(self, index: int, row: str | None) -> None:
+        self.pending[index] = row
+        while self.next_index in self.pending:
+            row = self.pending.pop(self.next_index)
+            if row is not None:
+                self.stream.write(row)
+            self.next_index += 1
+
+    def commit(self) -> None:
+        if self.pending:
+            raise RunError("internal error: pairs missing from the results")  # pragma: no cover
+        try:
+            self.stream.flush()
+            os.fsync(self.stream.fileno())
+            self.stream.close()
+            os.replace(self.temporary, self.output)
+        except OSError as error:
+            self.discard()
+            raise RunError(f"Can't write output file {self.output}: {error.strerror}") from None
+
+    def discard(self) -> None:
+        if not self.stream.closed:
+            self.stream.close()
+        if os.path.exists(self.temporary):
+            os.remove(self.temporary)
+
+
+def run(
+    projdir: str | os.PathLike,
+    diffs: str | os.PathLike,
+    template: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    diffdir: str | os.PathLike | None = None,
+    keep_all: bool = False,
+    level_only: bool = False,
+    no_areas: bool = False,
+    jobs: int | None = None,
+    batch_size: int | None = None,
+    progress: bool | Callable[[int], object] = False,
+    resume: bool = False,
+    keep_outcomes: bool = False,
+    on_outcome: Callable[[PairOutcome], None] | None = None,
+    backend: str | None = None,
+) -> RunResult:
+    """Difference and fit every pair of an overlap table; write fits.tbl.
+
+    Parameters
+    ----------
+    projdir : path
+        Folder of the projected images (Montage's ``path``/``-p``).
+    diffs : path
+        Overlap table (mOverlaps' diffs.tbl).
+    template : path
+        Montage text header of the common pixel grid.
+    output : path
+        fits.tbl to write (atomically: an existing file is replaced only on success).
+    diffdir : path, optional
+        Where difference images go with ``keep_all`` (created if missing).
+    keep_all, level_only, no_areas : bool
+        Montage's ``-k``, ``-l`` and ``-n``.
+    jobs : int, optional
+        Worker processes (default: all cores; 1 runs in this process).
+    batch_size : int, optional
+        Pairs per task (default: chosen from the table size and ``jobs``).
+    progress : bool or callable
+        ``True`` for a tqdm bar on stderr, or a callable given the number of pairs just
+        finished (for a caller's own progress display).
+    resume : bool
+        Skip pairs finished by an interrupted run with the same inputs (from the journal).
+    keep_outcomes : bool
+        Keep every pair's outcome in the result (memory grows with the table).
+    on_outcome : callable, optional
+        Called with each pair's outcome, in completion order.
+    backend : str, optional
+        A joblib backend name (e.g. ``"dask"`` inside a ``joblib.parallel_config``).
+
+    Returns
+    -------
+    RunResult
+
+    Raises
+    ------
+    diffit.tables.TableError, diffit.headers.TemplateError, RunError, Interrupted
+    """
+    projdir, diffs, template_path, output = (os.fspath(p) for p in (projdir, diffs, template, output))
+    diffdir = os.fspath(diffdir) if diffdir is not None else "."
+    total = _count_records(diffs)  # validates the table (TableError) before anything else
+    parsed_template = read_template(template_path)
+    if keep_all:
+        try:
+            os.makedirs(diffdir, exist_ok=True)
+        except OSError as error:
+            raise RunError(f"Can't create diff folder {diffdir}: {error.strerror}") from None
+    options = PairOptions(projdir=projdir, diffdir=diffdir, keep_all=keep_all,
+                          level_only=level_only, no_areas=no_areas)
+    jobs = default_jobs() if not jobs or jobs < 0 else jobs
+    if batch_size is None:
+        batch_size = max(1, min(64, total // (jobs * 8) or 1))
+
+    signature = {"diffs": os.path.abspath(diffs), "template": os.path.abspath(template_path),
+                 "projdir": os.path.abspath(projdir), "level_only": level_only,
+                 "no_areas": no_areas, "keep_all": keep_all, "pairs": total}
+    journal = _Journal(os.path.abspath(output) + JOURNAL_SUFFIX, signature)
+    done = journal.load() if resume else {}
+    writer = _OrderedWriter(output)
+    result = RunResult(outcomes=[] if keep_outcomes else None)
+    bar = _make_bar(progress, total)
+    finished = 0
+    try:
+        journal.open(done)
+        restored = [_restore(record) for record in done.values()]
+        for outcome in sorted(restored, key=lambda o: o.index):
+            _collect(outcome, writer, result, on_outcome)
+        finished = len(restored)
+        if bar is not None and finished:
+            bar(finished)
+        todo = (pair for pair in iter_overlap_table(diffs) if pair.index not in done)
+        for outcomes in _execute(_batches(todo, batch_size), parsed_template, options, jobs, backend):
+            journal.append(outcomes)
+            for outcome in outcomes:
+                _collect(outcome, writer, result, on_outcome)
+            finished += len(outcomes)
+            if bar is not None:
+                bar(len(outcomes))
+    except KeyboardInterrupt:
+        writer.discard()
+        journal.close()
+        raise Interrupted(finished, total, journal.path) from None
+    except BaseException:
+        writer.discard()
+        journal.close()
+        raise
+    finally:
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+    writer.commit()
+    journal.remove()
+    if result.outcomes is not None:
+        result.outcomes.sort(key=lambda o: o.index)
+    return result
+
+
+def _restore(record: dict) -> PairOutcome:
+    return _JournalOutcome(index=record["index"], cntr1=record["cntr1"], cntr2=record["cntr2"],
+                           plus=record["plus"], minus=record["minus"], diff=record["diff"],
+                           stage=record["stage"], reason=record["reason"],
+                           stored_row=record["row"])
+
+
+def _collect(outcome: PairOutcome, writer: _OrderedWriter, result: RunResult,
+             on_outcome: Callable[[PairOutcome], None] | None) -> None:
+    writer.add(outcome.index, outcome.row)
+    result.tally(outcome)
+    if on_outcome is not None:
+        on_outcome(outcome)
+
+
+def _execute(batches: Iterator[list[OverlapPair]], template: Template, options: PairOptions,
+             jobs: int, backend: str | None) -> Iterator[list[PairOutcome]]:
+    if jobs == 1 and backend is None:
+        for batch in batches:
+            yield process_batch(batch, template, options)
+        return
+    parallel = joblib.Parallel(n_jobs=jobs if backend is None else -1, backend=backend,
+                               return_as="generator_unordered", pre_dispatch="4*n_jobs")
+    yield from parallel(joblib.delayed(process_batch)(batch, template, options) for batch in batches)
+
+
+class _Bar:
+    """Adapter giving a tqdm bar the ``bar(n)`` interface of a progress callable."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="pair", desc="diffit", dynamic_ncols=True)
+
+    def __call__(self, n: int) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _make_bar(progress: bool | Callable[[int], object], total: int):
+    if callable(progress):
+        return progress
+    return _Bar(total) if progress else None
+
+
+__all__ = ["RunError", "RunResult", "Interrupted", "run", "process_batch", "default_jobs"]
