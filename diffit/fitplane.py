@@ -141,8 +141,10 @@ def _same(x, y):  # pragma: no cover - jitted
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _fit_kernel(xs, ys, zs, level_only, n_iterations):  # pragma: no cover - jitted
+def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no cover - jitted
     """Montage's iterative clipped plane fit over compacted pixels.
+
+    With ``stop_early`` the loop ends once the state repeats (same result, less work).
 
     Returns ``(status, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms)``.
     """
@@ -232,13 +234,18 @@ def _fit_kernel(xs, ys, zs, level_only, n_iterations):  # pragma: no cover - jit
         c = new_c
         rms = new_rms
         npixel = count
-        if converged:
+        if converged and stop_early:
             break
     return (0, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms)
 
 
 def fit_plane(
-    image: np.ndarray, crpix1: float, crpix2: float, level_only: bool = False
+    image: np.ndarray,
+    crpix1: float,
+    crpix2: float,
+    level_only: bool = False,
+    *,
+    stop_early: bool = True,
 ) -> PlaneFit:
     """Fit a plane to a difference image with Montage's iterative 2-sigma clipping.
 
@@ -250,6 +257,9 @@ def fit_plane(
         Reference pixel of the image (as read back from its FITS header).
     level_only : bool, optional
         Fit only the level ``c`` (``a = b = 0``).
+    stop_early : bool, optional
+        Stop iterating once the fit state repeats exactly (identical result); ``False``
+        always runs all 20 iterations, as Montage does.
 
     Returns
     -------
@@ -270,7 +280,7 @@ def fit_plane(
     crpix2 = float(crpix2)
     xs, ys, zs = _valid_pixels(image, crpix1, crpix2)
     (status, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms) = _fit_kernel(
-        xs, ys, zs, bool(level_only), N_ITERATIONS
+        xs, ys, zs, bool(level_only), N_ITERATIONS, bool(stop_early)
     )
     if status:
         raise FitError(_SINGULAR_MESSAGES[status])
