@@ -251,6 +251,7 @@ def run(
     keep_outcomes: bool = False,
     on_outcome: Callable[[PairOutcome], None] | None = None,
     backend: str | None = None,
+    task: Callable[[list[OverlapPair], Template, PairOptions], list[PairOutcome]] | None = None,
 ) -> RunResult:
     """Difference and fit every pair of an overlap table; write fits.tbl.
 
@@ -283,6 +284,9 @@ def run(
         Called with each pair's outcome, in completion order.
     backend : str, optional
         A joblib backend name (e.g. ``"dask"`` inside a ``joblib.parallel_config``).
+    task : callable, optional
+        The per-batch worker function (default :func:`process_batch`); it must be
+        importable by worker processes. For instrumentation and fault injection.
 
     Returns
     -------
@@ -325,7 +329,7 @@ def run(
         if bar is not None and finished:
             bar(finished)
         todo = (pair for pair in iter_overlap_table(diffs) if pair.index not in done)
-        for outcomes in _execute(_batches(todo, batch_size), parsed_template, options, jobs, backend):
+        for outcomes in _execute(_batches(todo, batch_size), parsed_template, options, jobs, backend, task):
             journal.append(outcomes)
             for outcome in outcomes:
                 _collect(outcome, writer, result, on_outcome)
@@ -365,15 +369,81 @@ def _collect(outcome: PairOutcome, writer: _OrderedWriter, result: RunResult,
         on_outcome(outcome)
 
 
+WORKER_DIED = "worker process died (killed or out of memory) while processing this pair, twice"
+
+
+def _worker_death_errors() -> tuple[type[BaseException], ...]:
+    from concurrent.futures.process import BrokenProcessPool
+
+    errors: list[type[BaseException]] = [BrokenProcessPool]
+    try:
+        from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+        errors.append(TerminatedWorkerError)
+    except ImportError:  # pragma: no cover - joblib without loky
+        pass
+    return tuple(errors)
+
+
 def _execute(batches: Iterator[list[OverlapPair]], template: Template, options: PairOptions,
-             jobs: int, backend: str | None) -> Iterator[list[PairOutcome]]:
+             jobs: int, backend: str | None,
+             task: Callable[..., list[PairOutcome]] | None = None) -> Iterator[list[PairOutcome]]:
+    """Run batches, in this process (one job) or on joblib workers.
+
+    A worker that dies (killed, out of memory) does not end the run: the pairs it may
+    have been working on are retried once, one per task, and reported as failed when
+    their worker dies again.
+    """
+    task = task or process_batch
     if jobs == 1 and backend is None:
         for batch in batches:
-            yield process_batch(batch, template, options)
+            yield task(batch, template, options)
         return
+    died = _worker_death_errors()
+    suspects: list[OverlapPair] = []
+    while True:  # a fresh pool after each worker death; batches continue where they were
+        in_flight: dict[int, list[OverlapPair]] = {}
+        try:
+            yield from _parallel(batches, in_flight, template, options, jobs, backend, task)
+            break
+        except died:
+            lost = [pair for batch in in_flight.values() for pair in batch]
+            log.warning("a worker process died; retrying %d pair(s) one by one", len(lost))
+            suspects.extend(lost)
+    if suspects:
+        yield from _retry_alone(suspects, template, options, task, died)
+
+
+def _retry_alone(pairs: list[OverlapPair], template: Template, options: PairOptions,
+                 task: Callable[..., list[PairOutcome]],
+                 died: tuple[type[BaseException], ...]) -> Iterator[list[PairOutcome]]:
+    """Retry pairs one at a time in a single worker process, so a crash names its pair."""
+    from joblib.externals.loky import get_reusable_executor
+
+    for pair in sorted(pairs, key=lambda p: p.index):
+        executor = get_reusable_executor(max_workers=1)
+        try:
+            yield executor.submit(task, [pair], template, options).result()
+        except died:
+            yield [_died(pair)]
+
+
+def _parallel(batches, in_flight, template, options, jobs, backend, task):
+    def tracked():
+        for batch in batches:
+            in_flight[batch[0].index] = batch
+            yield joblib.delayed(task)(batch, template, options)
+
     parallel = joblib.Parallel(n_jobs=jobs if backend is None else -1, backend=backend,
-                               return_as="generator_unordered", pre_dispatch="4*n_jobs")
-    yield from parallel(joblib.delayed(process_batch)(batch, template, options) for batch in batches)
+                               return_as="generator_unordered", pre_dispatch="2*n_jobs")
+    for outcomes in parallel(tracked()):
+        in_flight.pop(outcomes[0].index, None)
+        yield outcomes
+
+
+def _died(pair: OverlapPair) -> PairOutcome:
+    return PairOutcome(index=pair.index, cntr1=pair.cntr1, cntr2=pair.cntr2, plus=pair.plus,
+                       minus=pair.minus, diff=pair.diff, stage="diff", reason=WORKER_DIED)
 
 
 class _Bar:

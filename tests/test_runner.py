@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from diffit.runner import Interrupted, RunError, process_batch, run
+from diffit.tables import FITS_TBL_HEADER
+
+
+def _run(survey, output, **kwargs):
+    return run(survey.projdir, survey.diffs, survey.template, output, **kwargs)
+
+
+def test_parallel_equals_serial_and_rows_in_table_order(small_survey, tmp_path) -> None:
+    serial = _run(small_survey, tmp_path / "serial.tbl", jobs=1, keep_outcomes=True)
+    parallel = _run(small_survey, tmp_path / "parallel.tbl", jobs=2, batch_size=1)
+    assert (tmp_path / "serial.tbl").read_bytes() == (tmp_path / "parallel.tbl").read_bytes()
+    assert (serial.count, serial.diff_failed, serial.fit_failed) == (
+        parallel.count, parallel.diff_failed, parallel.fit_failed)
+    assert serial.count == small_survey.n_pairs
+    assert [o.index for o in serial.outcomes] == list(range(serial.count))
+    rows = (tmp_path / "serial.tbl").read_text().splitlines()
+    assert rows[0] + "\n" == FITS_TBL_HEADER
+    fitted = [o for o in serial.outcomes if o.stage == "ok"]
+    assert [o.row for o in fitted] == [r + "\n" for r in rows[1:]]
+    assert serial.succeeded == len(fitted) > 0
+    assert not list(tmp_path.glob(".diffit-*")), "temporary files left behind"
+
+
+def test_progress_callable_sees_every_pair(small_survey, tmp_path) -> None:
+    seen = []
+    _run(small_survey, tmp_path / "f.tbl", jobs=1, progress=seen.append)
+    assert sum(seen) == small_survey.n_pairs
+
+
+def _stop_after(n):
+    calls = []
+
+    def callback(outcome):
+        calls.append(outcome)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+def test_interrupt_then_resume_gives_identical_table(small_survey, tmp_path) -> None:
+    reference = tmp_path / "reference.tbl"
+    _run(small_survey, reference, jobs=1)
+    output = tmp_path / "fits.tbl"
+    output.write_text("previous run\n")
+    with pytest.raises(Interrupted) as caught:
+        _run(small_survey, output, jobs=1, batch_size=2, on_outcome=_stop_after(5))
+    assert "rerun with --resume" in str(caught.value)
+    assert caught.value.total == small_survey.n_pairs and 0 < caught.value.done < caught.value.total
+    assert output.read_text() == "previous run\n", "an interrupted run must not touch fits.tbl"
+    journal = tmp_path / "fits.tbl.journal"
+    assert journal.exists()
+    processed = []
+    result = _run(small_survey, output, jobs=1, resume=True, task=None,
+                  on_outcome=processed.append)
+    assert output.read_bytes() == reference.read_bytes()
+    assert result.count == small_survey.n_pairs
+    assert not journal.exists()
+
+
+def test_resume_refuses_a_journal_from_other_options(small_survey, tmp_path) -> None:
+    output = tmp_path / "fits.tbl"
+    with pytest.raises(Interrupted):
+        _run(small_survey, output, jobs=1, batch_size=1, on_outcome=_stop_after(2))
+    with pytest.raises(RunError, match="other inputs or options"):
+        _run(small_survey, output, jobs=1, resume=True, level_only=True)
+
+
+def test_without_resume_a_stale_journal_is_ignored(small_survey, tmp_path) -> None:
+    output = tmp_path / "fits.tbl"
+    with pytest.raises(Interrupted):
+        _run(small_survey, output, jobs=1, batch_size=1, on_outcome=_stop_after(2))
+    result = _run(small_survey, output, jobs=1)
+    assert result.count == small_survey.n_pairs
+
+
+def test_missing_output_folder_is_a_clear_error(small_survey, tmp_path) -> None:
+    with pytest.raises(RunError, match="folder .* does not exist"):
+        _run(small_survey, tmp_path / "nowhere" / "fits.tbl", jobs=1)
+
+
+def crash_on_pair_three(batch, template, options):
+    """A worker task that kills its process on pair 3 (simulates an OOM kill)."""
+    if any(pair.index == 3 for pair in batch):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return process_batch(batch, template, options)
+
+
+def test_a_dying_worker_fails_only_its_pair(small_survey, tmp_path) -> None:
+    reference = _run(small_survey, tmp_path / "ref.tbl", jobs=1, keep_outcomes=True)
+    result = _run(small_survey, tmp_path / "f.tbl", jobs=2, batch_size=2, keep_outcomes=True,
+                  task=crash_on_pair_three)
+    assert result.count == reference.count
+    for got, want in zip(result.outcomes, reference.outcomes):
+        if got.index == 3:
+            assert got.stage == "diff" and "worker process died" in got.reason
+        else:
+            assert (got.stage, got.row) == (want.stage, want.row)
