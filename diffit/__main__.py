@@ -1,0 +1,6 @@
+"""``python -m diffit`` runs the ``diffit`` command line."""
+import sys
+
+from diffit.cli import main
+
+sys.exit(main())

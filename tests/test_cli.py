@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from diffit.cli import main, montage_main
+
+
+def _args(survey, output):
+    return [str(survey.diffs), str(survey.template), str(output.parent / "diffs"), str(output)]
+
+
+def test_montage_usage_error(capsys) -> None:
+    assert montage_main(["mDiffFitExec", "only.tbl"]) == 1
+    assert capsys.readouterr().out == (
+        '[struct stat="ERROR", msg="Usage: mDiffFitExec [-d] [-l(evel-only)] [-k(eep-all)] '
+        '[-n(o-areas)] [-p projdir] [-s statusfile] [-a(rchive) bucket] diffs.tbl '
+        'template.hdr diffdir fits.tbl"]\n')
+    assert montage_main(["mDiffFitExec", "-x", "a", "b", "c", "d"]) == 1
+
+
+def test_montage_status_line_matches_montagepy(small_survey, tmp_path, capsys) -> None:
+    montage = pytest.importorskip("MontagePy.main")
+    (tmp_path / "m").mkdir()
+    want = montage.mDiffFitExec(str(small_survey.projdir), str(small_survey.diffs),
+                                str(small_survey.template), str(tmp_path / "m"),
+                                str(tmp_path / "m.tbl"), levelOnly=True)
+    output = tmp_path / "fits.tbl"
+    code = montage_main(["mDiffFitExec", "-l", "-p", str(small_survey.projdir),
+                         *_args(small_survey, output), "-j", "2"])
+    assert code == 0
+    assert capsys.readouterr().out == (
+        f'[struct stat="OK", module="mDiffFitExec", count={want["count"]}, '
+        f'diff_failed={want["diff_failed"]}, fit_failed={want["fit_failed"]}, warning=0]\n')
+    assert output.read_text() == (tmp_path / "m.tbl").read_text()
+
+
+def test_montage_status_file_and_debug(small_survey, tmp_path, capsys) -> None:
+    status = tmp_path / "status.txt"
+    output = tmp_path / "fits.tbl"
+    assert montage_main(["mDiffFitExec", "-d", "-s", str(status), "-p", str(small_survey.projdir),
+                         *_args(small_survey, output)]) == 0
+    assert status.read_text().startswith('[struct stat="OK", module="mDiffFitExec", count=')
+    out = capsys.readouterr().out
+    assert "mDiff(" in out and "[struct stat=\"OK\", module" not in out
+    assert montage_main(["mDiffFitExec", "-s", str(tmp_path / "no" / "s.txt"),
+                         *_args(small_survey, output)]) == 1
+    assert capsys.readouterr().out == (
+        f'[struct stat="ERROR", msg="Cannot open status file: {tmp_path / "no" / "s.txt"}"]\n')
+
+
+def test_montage_global_error_line(tmp_path, capsys) -> None:
+    assert montage_main(["mDiffFitExec", str(tmp_path / "none.tbl"), "t.hdr", "d",
+                         str(tmp_path / "f.tbl")]) == 1
+    assert capsys.readouterr().out == (
+        f'[struct stat="ERROR", msg="Invalid diffs metadata file: {tmp_path / "none.tbl"}"]\n')
+
+
+def test_run_with_config_and_override(small_survey, tmp_path, capsys) -> None:
+    config = small_survey.root / "run.toml"
+    config.write_text('projdir = "projected"\ndiffs = "diffs.tbl"\ntemplate = "template.hdr"\n'
+                      'output = "fits.tbl"\nfailures = "failures.csv"\nlevel_only = false\njobs = 1\n')
+    assert main(["run", "--config", str(config), "--level-only", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{small_survey.n_pairs} pairs:" in out
+    assert (small_survey.root / "fits.tbl").exists()
+    # --level-only on the command line beat level_only = false in the file: b is 0 in every row.
+    rows = (small_survey.root / "fits.tbl").read_text().splitlines()[1:]
+    assert rows and all(float(r.split()[3]) == 0.0 for r in rows)
+    with open(small_survey.root / "failures.csv") as stream:
+        failures = list(csv.DictReader(stream))
+    assert failures and all(f["reason"] and f["stage"] in ("diff", "fit") for f in failures)
+
+
+def test_run_reports_missing_options(capsys) -> None:
+    assert main(["run", "--projdir", "."]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffit: error: missing --diffs, --template, --output")
+    assert err.count("\n") == 1
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(small_survey, tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "diffit", "run", "--projdir", str(small_survey.projdir),
+         "--diffs", str(small_survey.diffs), "--template", str(small_survey.template),
+         "--output", str(tmp_path / "f.tbl"), "--jobs", "1"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "pairs:" in done.stdout
+
+
+def test_progress_bar_on_a_terminal(small_survey, tmp_path) -> None:
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    done = subprocess.run(
+        [sys.executable, "-m", "diffit", "run", "--projdir", str(small_survey.projdir),
+         "--diffs", str(small_survey.diffs), "--template", str(small_survey.template),
+         "--output", str(tmp_path / "f.tbl"), "--jobs", "1"],
+        stdout=subprocess.PIPE, stderr=follower, timeout=120)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert done.returncode == 0
+    bar = b"".join(chunks).decode(errors="replace")
+    assert f"{small_survey.n_pairs}/{small_survey.n_pairs}" in bar and "pair/s" in bar
