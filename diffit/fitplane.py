@@ -144,7 +144,12 @@ def _same(x, y):  # pragma: no cover - jitted
 def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no cover - jitted
     """Montage's iterative clipped plane fit over compacted pixels.
 
-    With ``stop_early`` the loop ends once the state repeats (same result, less work).
+    Each iteration is a fit pass (sums over the pixels within ``2*rms`` of the previous
+    plane) and an rms pass (residuals from the new plane). The rms pass stores each
+    pixel's residual, which is exactly what the next fit pass clips on, so the plane is
+    evaluated once per pixel and iteration. ``xmin``..``ymax`` of the last fit pass are
+    found in one pass at the end. With ``stop_early`` the loop ends once the state
+    ``(a, b, c, rms)`` repeats (every later iteration would reproduce it).
 
     Returns ``(status, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms)``.
     """
@@ -155,24 +160,23 @@ def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no
     b = 0.0
     c = 0.0
     rms = 0.0
-    xmin = xmax = ymin = ymax = 0.0
-    xcenter = ycenter = 0.0
+    residual = np.empty(n)       # |z - plane| for the latest coefficients
+    used_residual = np.empty(n)  # the residuals the latest fit pass clipped on
+    used_limit = 0.0
+    used_clip = False
+    xcenter = 0.0
+    ycenter = 0.0
     npixel = 0.0
     for iteration in range(n_iterations):
         sxx = syy = sxy = sx = sy = sxz = syz = sz = sn = 0.0
-        xmin = 1000000.0
-        xmax = -1000000.0
-        ymin = 1000000.0
-        ymax = -1000000.0
         clip = rms > 0.0
         limit = 2.0 * rms
         for k in range(n):
+            if clip and residual[k] > limit:
+                continue
             x = xs[k]
             y = ys[k]
             z = zs[k]
-            if clip:
-                if abs(z - (a * x + b * y + c)) > limit:
-                    continue
             sxx += x * x
             syy += y * y
             sxy += x * y
@@ -182,14 +186,9 @@ def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no
             syz += y * z
             sz += z
             sn += 1.0
-            if x < xmin:
-                xmin = x
-            if x > xmax:
-                xmax = x
-            if y < ymin:
-                ymin = y
-            if y > ymax:
-                ymax = y
+        used_residual, residual = residual, used_residual
+        used_limit = limit
+        used_clip = clip
         xcenter = sx / sn
         ycenter = sy / sn
         if level_only:
@@ -220,6 +219,7 @@ def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no
         clip_rms = iteration > 0
         for k in range(n):
             dz = abs(zs[k] - (new_a * xs[k] + new_b * ys[k] + new_c))
+            residual[k] = dz
             if clip_rms and dz > limit:
                 continue
             szz += dz * dz
@@ -236,6 +236,21 @@ def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no
         npixel = count
         if converged and stop_early:
             break
+    xmin = 1000000.0
+    xmax = -1000000.0
+    ymin = 1000000.0
+    ymax = -1000000.0
+    for k in range(n):
+        if used_clip and used_residual[k] > used_limit:
+            continue
+        if xs[k] < xmin:
+            xmin = xs[k]
+        if xs[k] > xmax:
+            xmax = xs[k]
+        if ys[k] < ymin:
+            ymin = ys[k]
+        if ys[k] > ymax:
+            ymax = ys[k]
     return (0, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms)
 
 

@@ -136,7 +136,12 @@ def read_window(image: OpenImage, rows: slice, cols: slice) -> np.ndarray:
         if image.whole is not None:
             return image.whole[rows, cols]
         lead = (0,) * (image.ndim - 2)
-        raw = image.hdu.section[lead + (rows, cols)]
+        if isinstance(image.hdu, fits.CompImageHDU):
+            # Tile-compressed: .section decompresses only the tiles the window touches.
+            raw = image.hdu.section[lead + (rows, cols)]
+        else:
+            # Plain image: slice the memory map (``.section`` would read row by row).
+            raw = image.hdu.data[lead + (rows, cols)]
         return _to_physical(image, np.asarray(raw))
     except ImageError:
         raise
