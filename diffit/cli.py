@@ -160,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--failures", help="write failed pairs and reasons to this CSV file")
     p.add_argument("--resume", action="store_true", default=None,
                    help="skip pairs finished by an interrupted run")
-    p.add_argument("--backend", choices=["local", "dask"], help="where workers run")
+    p.add_argument("--backend", choices=["threads", "processes", "dask"],
+                   help="workers: threads (default), processes (isolates crashes) or a Dask cluster")
     p.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786")
 
     d = sub.add_parser("demo", help="generate a small survey and run diffit on it")
@@ -218,7 +219,7 @@ def _show_progress(requested: bool | None) -> bool:
 
 def _run_command(args: argparse.Namespace) -> int:
     s = _settings(args)
-    backend = s.get("backend", "local")
+    backend = s.get("backend", "threads")
     kwargs = dict(diffdir=s.get("diffdir"), keep_all=s.get("keep_diffs", False),
                   level_only=s.get("level_only", False), no_areas=s.get("no_areas", False),
                   jobs=s.get("jobs"), batch_size=s.get("batch_size"),
@@ -230,7 +231,7 @@ def _run_command(args: argparse.Namespace) -> int:
             result = run(s["projdir"], s["diffs"], s["template"], s["output"],
                          backend=backend_name, **kwargs)
     else:
-        result = _run_with_logging(s, kwargs)
+        result = _run_with_logging(s, dict(kwargs, backend=backend))
     if s.get("failures"):
         write_failures(s["failures"], result.failures)
     _print_summary(result, s["output"])

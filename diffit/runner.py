@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -27,7 +28,10 @@ from diffit.tables import FITS_TBL_HEADER, OverlapPair, iter_overlap_table
 log = logging.getLogger(__name__)
 
 JOURNAL_SUFFIX = ".journal"
-_READER: ImageReader | None = None
+BACKENDS = ("threads", "processes")
+_LOCAL = threading.local()  # each worker thread (or process) keeps its own open-file cache
+_READERS: list[ImageReader] = []  # every reader of this process, closed when a run ends
+_READERS_LOCK = threading.Lock()
 
 
 class RunError(Exception):
@@ -86,10 +90,19 @@ class RunResult:
 
 
 def _worker_reader() -> ImageReader:
-    global _READER
-    if _READER is None:
-        _READER = ImageReader(max_open=32)
-    return _READER
+    reader = getattr(_LOCAL, "reader", None)
+    if reader is None:
+        reader = _LOCAL.reader = ImageReader(max_open=32)
+        with _READERS_LOCK:
+            _READERS.append(reader)
+    return reader
+
+
+def _close_readers() -> None:
+    """Close the files held by this process's readers (they reopen files on demand)."""
+    with _READERS_LOCK:
+        for reader in _READERS:
+            reader.close()
 
 
 def process_batch(
@@ -250,7 +263,7 @@ def run(
     resume: bool = False,
     keep_outcomes: bool = False,
     on_outcome: Callable[[PairOutcome], None] | None = None,
-    backend: str | None = None,
+    backend: str = "threads",
     task: Callable[[list[OverlapPair], Template, PairOptions], list[PairOutcome]] | None = None,
 ) -> RunResult:
     """Difference and fit every pair of an overlap table; write fits.tbl.
@@ -270,7 +283,7 @@ def run(
     keep_all, level_only, no_areas : bool
         Montage's ``-k``, ``-l`` and ``-n``.
     jobs : int, optional
-        Worker processes (default: all cores; 1 runs in this process).
+        Workers (default: all cores; 1 runs in this process).
     batch_size : int, optional
         Pairs per task (default: chosen from the table size and ``jobs``).
     progress : bool or callable
@@ -283,7 +296,10 @@ def run(
     on_outcome : callable, optional
         Called with each pair's outcome, in completion order.
     backend : str, optional
-        A joblib backend name (e.g. ``"dask"`` inside a ``joblib.parallel_config``).
+        ``"threads"`` (default: worker threads in this process; the kernels release the
+        GIL), ``"processes"`` (worker processes, isolating crashes: a dying worker fails
+        only its pairs), or another joblib backend name (e.g. ``"dask"`` inside
+        ``joblib.parallel_config``).
     task : callable, optional
         The per-batch worker function (default :func:`process_batch`); it must be
         importable by worker processes. For instrumentation and fault injection.
@@ -308,6 +324,7 @@ def run(
     options = PairOptions(projdir=projdir, diffdir=diffdir, keep_all=keep_all,
                           level_only=level_only, no_areas=no_areas)
     jobs = default_jobs() if not jobs or jobs < 0 else jobs
+    backend = backend or "threads"
     if batch_size is None:
         batch_size = max(1, min(64, total // (jobs * 8) or 1))
 
@@ -345,6 +362,7 @@ def run(
         journal.close()
         raise
     finally:
+        _close_readers()
         if bar is not None and hasattr(bar, "close"):
             bar.close()
     writer.commit()
@@ -386,25 +404,31 @@ def _worker_death_errors() -> tuple[type[BaseException], ...]:
 
 
 def _execute(batches: Iterator[list[OverlapPair]], template: Template, options: PairOptions,
-             jobs: int, backend: str | None,
-             task: Callable[..., list[PairOutcome]] | None = None) -> Iterator[list[PairOutcome]]:
-    """Run batches, in this process (one job) or on joblib workers.
+             jobs: int, backend: str, task: Callable[..., list[PairOutcome]] | None = None,
+             ) -> Iterator[list[PairOutcome]]:
+    """Run batches in this process, on worker threads or processes, or on another backend.
 
-    A worker that dies (killed, out of memory) does not end the run: the pairs it may
-    have been working on are retried once, one per task, and reported as failed when
-    their worker dies again.
+    With worker processes, a worker that dies (killed, out of memory) does not end the
+    run: the pairs it may have been working on are retried once, one at a time, and
+    reported as failed when their worker dies again.
     """
     task = task or process_batch
-    if jobs == 1 and backend is None:
-        for batch in batches:
-            yield task(batch, template, options)
+    if backend == "threads":
+        if jobs == 1:
+            for batch in batches:
+                yield task(batch, template, options)
+            return
+        yield from _parallel(batches, {}, template, options, jobs, "threading", task)
+        return
+    if backend != "processes":  # e.g. "dask" inside joblib.parallel_config
+        yield from _parallel(batches, {}, template, options, -1, backend, task)
         return
     died = _worker_death_errors()
     suspects: list[OverlapPair] = []
     while True:  # a fresh pool after each worker death; batches continue where they were
         in_flight: dict[int, list[OverlapPair]] = {}
         try:
-            yield from _parallel(batches, in_flight, template, options, jobs, backend, task)
+            yield from _parallel(batches, in_flight, template, options, jobs, "loky", task)
             break
         except died:
             lost = [pair for batch in in_flight.values() for pair in batch]
@@ -434,7 +458,7 @@ def _parallel(batches, in_flight, template, options, jobs, backend, task):
             in_flight[batch[0].index] = batch
             yield joblib.delayed(task)(batch, template, options)
 
-    parallel = joblib.Parallel(n_jobs=jobs if backend is None else -1, backend=backend,
+    parallel = joblib.Parallel(n_jobs=jobs, backend=backend,
                                return_as="generator_unordered", pre_dispatch="2*n_jobs")
     for outcomes in parallel(tracked()):
         in_flight.pop(outcomes[0].index, None)

@@ -13,9 +13,10 @@ def _run(survey, output, **kwargs):
     return run(survey.projdir, survey.diffs, survey.template, output, **kwargs)
 
 
-def test_parallel_equals_serial_and_rows_in_table_order(small_survey, tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_parallel_equals_serial_and_rows_in_table_order(small_survey, tmp_path, backend) -> None:
     serial = _run(small_survey, tmp_path / "serial.tbl", jobs=1, keep_outcomes=True)
-    parallel = _run(small_survey, tmp_path / "parallel.tbl", jobs=2, batch_size=1)
+    parallel = _run(small_survey, tmp_path / "parallel.tbl", jobs=2, batch_size=1, backend=backend)
     assert (tmp_path / "serial.tbl").read_bytes() == (tmp_path / "parallel.tbl").read_bytes()
     assert (serial.count, serial.diff_failed, serial.fit_failed) == (
         parallel.count, parallel.diff_failed, parallel.fit_failed)
@@ -97,7 +98,7 @@ def crash_on_pair_three(batch, template, options):
 def test_a_dying_worker_fails_only_its_pair(small_survey, tmp_path) -> None:
     reference = _run(small_survey, tmp_path / "ref.tbl", jobs=1, keep_outcomes=True)
     result = _run(small_survey, tmp_path / "f.tbl", jobs=2, batch_size=2, keep_outcomes=True,
-                  task=crash_on_pair_three)
+                  backend="processes", task=crash_on_pair_three)
     assert result.count == reference.count
     for got, want in zip(result.outcomes, reference.outcomes):
         if got.index == 3:
