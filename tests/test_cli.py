@@ -121,3 +121,45 @@ def test_progress_bar_on_a_terminal(small_survey, tmp_path) -> None:
     assert done.returncode == 0
     bar = b"".join(chunks).decode(errors="replace")
     assert f"{small_survey.n_pairs}/{small_survey.n_pairs}" in bar and "pair/s" in bar
+
+
+def test_sigterm_leaves_a_journal_and_resume_completes(small_survey, tmp_path) -> None:
+    import signal
+    import time
+
+    from diffit.tables import format_overlap_table, read_overlap_table
+
+    # A long table: the survey's pairs repeated, so the run is still going when signalled.
+    pairs = read_overlap_table(small_survey.diffs)
+    rows = [(p.cntr1, p.cntr2, p.plus, p.minus, p.diff) for p in pairs] * 300
+    long_table = tmp_path / "long.tbl"
+    long_table.write_text(format_overlap_table(rows))
+    output = tmp_path / "fits.tbl"
+    def command(output, *extra):
+        return [sys.executable, "-m", "diffit", "run", "--projdir", str(small_survey.projdir),
+                "--diffs", str(long_table), "--template", str(small_survey.template),
+                "--output", str(output), *extra]
+
+
+    process = subprocess.Popen(command(output, "--jobs", "1", "--batch-size", "5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = tmp_path / "fits.tbl.journal"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") > 20:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.startswith("diffit: interrupted after ") and err.rstrip().endswith(
+        f"of {len(rows)} pairs; rerun with --resume")
+    assert not output.exists() and journal.exists()
+    resumed = subprocess.run(command(output, "--resume"), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    fresh = subprocess.run(command(tmp_path / "fresh.tbl"), capture_output=True, text=True,
+                           timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    assert output.read_bytes() == (tmp_path / "fresh.tbl").read_bytes()
+    assert not journal.exists()
