@@ -219,6 +219,15 @@ def _show_progress(requested: bool | None) -> bool:
 
 def _run_command(args: argparse.Namespace) -> int:
     s = _settings(args)
+    try:
+        return _run_settings(s)
+    except TableError as error:  # Montage's "Need columns" text does not name the table
+        if str(s["diffs"]) not in str(error):
+            raise TableError(f"{s['diffs']}: {error}") from None
+        raise
+
+
+def _run_settings(s: dict) -> int:
     backend = s.get("backend", "threads")
     kwargs = dict(diffdir=s.get("diffdir"), keep_all=s.get("keep_diffs", False),
                   level_only=s.get("level_only", False), no_areas=s.get("no_areas", False),

@@ -3,16 +3,40 @@
 An :class:`ImageReader` opens each file once, keeps a small LRU cache of open files
 (a worker's pairs share images), and reads only the requested window: memory-mapped
 for plain files, tile by tile for tile-compressed (``.fits.fz``) images, whole and once
-for gzip-compressed files (astropy cannot window those efficiently). Pixel values are
+for gzip- or bzip2-compressed files (recognised by their content, whatever their name;
+a stream cannot be windowed). Pixel values are
 converted as CFITSIO converts them for Montage: ``raw*BSCALE + BZERO`` in double
 precision, with integer ``BLANK`` values becoming NaN, and only the first plane of a
 cube.
+
+Files are opened with ``do_not_scale_image_data=True`` for every kind of HDU
+(astropy's own scaling would produce float32 for 16-bit integers and lose precision),
+so :func:`read_window` always receives the raw stored values and scales them itself.
+Tile-compressed images are decompressed by astropy (including the dequantisation of
+lossy float compression), which in this mode leaves ``BSCALE``/``BZERO``/``BLANK``
+to us as well.
+
+Nothing here raises anything but :class:`ImageError` for a bad file, and no astropy
+warning about an odd input escapes: a file that cannot be used becomes a one-line
+reason naming the file. astropy warns while it parses headers, so headers are parsed
+inside :func:`quiet_astropy`; ``warnings.catch_warnings`` changes process-wide state,
+so those sections are serialised by a lock (workers may be threads). Pixel reads need
+no warning filter and run concurrently.
 """
 from __future__ import annotations
 
+import atexit
+import bz2
+import gzip
+import io
+import math
 import os
+import threading
 import warnings
+import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,14 +44,50 @@ from astropy.io import fits
 
 from diffit.geometry import GridGeometry
 
-
 class ImageError(Exception):
     """An input image that cannot be used; the message names the file and the problem."""
 
 
+_QUIET_LOCK = threading.RLock()
+
+
+@contextmanager
+def quiet_astropy() -> Iterator[None]:
+    """Ignore warnings (astropy's about odd headers) inside the block, thread-safely.
+
+    ``warnings.catch_warnings`` saves and restores the process-wide filter list, so two
+    threads interleaving it could leave warnings silenced for good; the lock prevents
+    that. Keep the blocks short: header parsing and file opening, not pixel reading.
+    """
+    with _QUIET_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 @dataclass
 class OpenImage:
-    """An open image HDU with what is needed to read windows of it."""
+    """An open image HDU with what is needed to read windows of it.
+
+    Attributes
+    ----------
+    path : str
+        The file, as given.
+    geometry : GridGeometry
+        NAXIS1/2 and CRPIX1/2 of the image.
+    header : astropy.io.fits.Header
+        The image header (for tile-compressed files, the uncompressed image's header).
+    ndim : int
+        NAXIS; windows are read from the first plane of the leading axes.
+    scale, zero : float
+        BSCALE and BZERO.
+    blank : int or None
+        BLANK of an integer image (those pixels read as NaN).
+    whole : numpy.ndarray or None
+        The first plane in physical values, for files read whole (gzip).
+    checks : dict
+        Results of checks made on this image (e.g. against a template), by key, so
+        that they are made once per open file rather than once per pair.
+    """
 
     path: str
     geometry: GridGeometry
@@ -39,71 +99,250 @@ class OpenImage:
     zero: float
     blank: int | None
     whole: np.ndarray | None = field(default=None, repr=False)
+    stream: object = field(default=None, repr=False)
+    checks: dict = field(default_factory=dict, repr=False)
+
+    def close(self) -> None:
+        """Close the file (and drop the memory map)."""
+        self.whole = None
+        with quiet_astropy():
+            for closable in (self.hdul, self.stream):
+                try:
+                    if closable is not None:
+                        closable.close()
+                except Exception:  # pragma: no cover - closing a broken file
+                    pass
+
+
+#: How many HDUs to look through for the image (the primary array, or the first image
+#: extension, as in a ``.fits.fz`` file); a corrupt file must not be scanned for ever.
+MAX_HDUS = 8
 
 
 def _image_hdu(hdul: fits.HDUList):
-    """The first HDU holding an image: the primary array, else the first image extension."""
-    for hdu in hdul:
-        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
-            if hdu.header.get("NAXIS", 0) >= 2 or isinstance(hdu, fits.CompImageHDU):
-                return hdu
+    """The first HDU holding an image: the primary array, else the first image extension.
+
+    Stops at the first HDU astropy cannot parse (its iteration over a damaged gzip
+    stream may otherwise never end).
+    """
+    for index, hdu in enumerate(hdul):
+        if index >= MAX_HDUS or type(hdu).__name__ == "_CorruptedHDU":
+            return None
+        if isinstance(hdu, fits.CompImageHDU):
+            return hdu
+        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU)) and _int_value(hdu.header, "NAXIS") >= 2:
+            return hdu
     return None
+
+
+def _int_value(header: fits.Header, key: str) -> int:
+    value = header.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _keyword(header: fits.Header, key: str, path: str, kind: type) -> float | int:
+    """A required numeric keyword, or an :class:`ImageError` naming the file and keyword."""
+    if key not in header:
+        raise ImageError(f"{path}: no {key} keyword in the header")
+    value = header[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ImageError(f"{path}: {key} = {value!r} is not a number")
+    if kind is int and not isinstance(value, int):
+        raise ImageError(f"{path}: {key} = {value!r} is not a whole number")
+    value = kind(value)
+    if kind is float and not math.isfinite(value):
+        raise ImageError(f"{path}: {key} is not finite")
+    return value
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _blank(header: fits.Header) -> int | None:
+    """BLANK of an integer image (None for float images or an unusable BLANK)."""
+    if _int_value(header, "BITPIX") <= 0:
+        return None  # CFITSIO ignores BLANK for floating-point images
+    blank = header.get("BLANK")
+    if isinstance(blank, bool) or not isinstance(blank, int):
+        return None
+    return blank
+
+
+def _scaling(header: fits.Header, path: str) -> tuple[float, float]:
+    values = []
+    for key, default in (("BSCALE", 1.0), ("BZERO", 0.0)):
+        value = header.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ImageError(f"{path}: {key} = {value!r} is not a finite number")
+        values.append(float(value))
+    return values[0], values[1]
 
 
 def open_image(path: str) -> OpenImage:
     """Open a FITS image and read its geometry.
 
+    Parameters
+    ----------
+    path : str
+        The file.
+
+    Returns
+    -------
+    OpenImage
+
     Raises
     ------
     ImageError
-        The file is missing or not FITS, holds no 2-D image, lacks NAXISn/CRPIXn.
+        The file is missing, not FITS, truncated or corrupt, holds no 2-D image, or
+        lacks (or has unusable) NAXISn/CRPIXn/BSCALE/BZERO keywords.
     """
-    if not os.path.exists(path):
-        raise ImageError(f"{path}: file not found")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hdul = fits.open(path, memmap=True, do_not_scale_image_data=True,
+        if os.path.isdir(path):
+            raise ImageError(f"{path}: is a directory, not a FITS file")
+        if not os.path.exists(path):
+            raise ImageError(f"{path}: file not found")
+    except (TypeError, ValueError):
+        raise ImageError(f"{path!r}: not a usable file name") from None
+    try:
+        # Our own file object: astropy leaves a file it opened itself open when it then
+        # fails to parse it; this one is closed on every failure.
+        stream = open(path, "rb")  # noqa: SIM115 - kept open with the image
+    except OSError as error:
+        raise ImageError(f"{path}: cannot be opened ({error.strerror or _describe(error)})") from None
+    hdul = None
+    try:
+        stream, compressed = _decompressed(path, stream)
+        with quiet_astropy():
+            hdul = fits.open(stream, memmap=not compressed, do_not_scale_image_data=True,
                              lazy_load_hdus=True)
-            hdu = _image_hdu(hdul)
-    except Exception as error:  # astropy raises OSError, ValueError, TypeError, ...
+            image = _inspect(path, hdul, stream)
+        if compressed:
+            # Read whole anyway: convert the first plane once (outside the lock: this is
+            # the slow part, and it does not warn), then drop the decompressed bytes.
+            image.whole = _plane(image, image.hdu.data)
+            with quiet_astropy():
+                hdul.close()
+            image.hdu = image.stream = None
+        return image
+    except Exception as error:  # astropy raises OSError, ValueError, TypeError, EOFError, ...
+        with quiet_astropy():
+            for closable in (hdul, stream):
+                try:
+                    if closable is not None:
+                        closable.close()
+                except Exception:  # pragma: no cover - closing a broken file
+                    pass
+        if isinstance(error, ImageError):
+            raise
         raise ImageError(f"{path}: not a readable FITS file ({_describe(error)})") from None
+
+
+#: Magic numbers of the stream compressions read whole (``.fits.gz``, ``.fits.bz2``).
+_STREAM_MAGIC = ((b"\x1f\x8b", gzip), (b"BZh", bz2))
+
+
+def _decompressed(path: str, stream) -> tuple[object, bool]:
+    """The file itself, or its decompressed bytes in memory for a gzip/bzip2 stream.
+
+    Decompressing here (rather than letting astropy do it) gives the true size of the
+    FITS content, so that a damaged header cannot make the reader allocate whatever its
+    NAXISn claim, and turns a truncated or corrupt stream into a clear reason.
+    """
+    magic = stream.read(3)
+    stream.seek(0)
+    for prefix, module in _STREAM_MAGIC:
+        if magic.startswith(prefix):
+            try:
+                raw = module.decompress(stream.read())
+            except Exception as error:  # OSError, EOFError, zlib.error, ...
+                raise ImageError(f"{path}: corrupt or truncated {module.__name__} stream"
+                                 f" ({_describe(error)})") from None
+            finally:
+                stream.close()
+            return io.BytesIO(raw), True
+    return stream, False
+
+
+def _stream_size(stream) -> int:
+    if isinstance(stream, io.BytesIO):
+        return stream.getbuffer().nbytes
+    return os.fstat(stream.fileno()).st_size
+
+
+def _inspect(path: str, hdul: fits.HDUList, stream) -> OpenImage:
+    """Geometry and scaling of the image in an open file (inside :func:`quiet_astropy`)."""
+    hdu = _image_hdu(hdul)
     if hdu is None:
-        hdul.close()
         raise ImageError(f"{path}: no 2-D image in the file")
     header = hdu.header
-    try:
-        naxis = int(header["NAXIS"]) if not isinstance(hdu, fits.CompImageHDU) else int(header["ZNAXIS"] if "ZNAXIS" in header else header["NAXIS"])
-        geometry = GridGeometry(
-            naxis1=int(header["NAXIS1"]), naxis2=int(header["NAXIS2"]),
-            crpix1=float(header["CRPIX1"]), crpix2=float(header["CRPIX2"]),
-        )
-    except KeyError as error:
-        hdul.close()
-        raise ImageError(f"{path}: no {error.args[0]} keyword in the header") from None
-    except (TypeError, ValueError):
-        hdul.close()
-        raise ImageError(f"{path}: NAXISn/CRPIXn keywords are not numbers") from None
-    if not (np.isfinite(geometry.crpix1) and np.isfinite(geometry.crpix2)):
-        hdul.close()
-        raise ImageError(f"{path}: CRPIX1/CRPIX2 are not finite")
+    naxis = _keyword(header, "NAXIS", path, int)
+    if naxis < 2:
+        raise ImageError(f"{path}: NAXIS = {naxis}, not a 2-D image")
+    naxis1 = _keyword(header, "NAXIS1", path, int)
+    naxis2 = _keyword(header, "NAXIS2", path, int)
+    for key in (f"NAXIS{k}" for k in range(3, naxis + 1)):
+        if _int_value(header, key) <= 0:
+            raise ImageError(f"{path}: {key} must be a positive whole number")
+    if naxis1 <= 0 or naxis2 <= 0:
+        raise ImageError(f"{path}: the image has no pixels (NAXIS1={naxis1}, NAXIS2={naxis2})")
+    geometry = GridGeometry(
+        naxis1=naxis1, naxis2=naxis2,
+        crpix1=_keyword(header, "CRPIX1", path, float),
+        crpix2=_keyword(header, "CRPIX2", path, float),
+    )
+    scale, zero = _scaling(header, path)
+    size = _stream_size(stream)
     if isinstance(hdu, fits.CompImageHDU):
-        scale, zero, blank = 1.0, 0.0, None  # astropy decompresses and scales these itself
+        _check_tiles(path, hdu, size)
     else:
-        scale = float(header.get("BSCALE", 1.0))
-        zero = float(header.get("BZERO", 0.0))
-        blank = header.get("BLANK") if int(header.get("BITPIX", -64)) > 0 else None
-    image = OpenImage(path=path, geometry=geometry, header=header, hdul=hdul, hdu=hdu,
-                      ndim=naxis, scale=scale, zero=zero,
-                      blank=None if blank is None else int(blank))
-    if path.endswith((".gz", ".bz2", ".Z", ".zip")):
-        image.whole = _plane(image, hdu.data)
-    return image
+        _check_complete(path, hdu, size)
+        if not isinstance(stream, io.BytesIO):
+            hdu.data  # noqa: B018 - creates the memory map here, where warnings are off
+    return OpenImage(path=path, geometry=geometry, header=header, hdul=hdul, hdu=hdu,
+                     ndim=naxis, scale=scale, zero=zero, blank=_blank(header), stream=stream)
 
 
-def _describe(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def _check_complete(path: str, hdu, size: int) -> None:
+    """Reject a file that ends before its image data do, as CFITSIO does on open.
+
+    Without this, a truncated file would fail only for pairs whose window reaches the
+    missing part of the memory map (and with a less helpful message), and a damaged
+    NAXISn could make the reader allocate far more memory than the file holds.
+    """
+    offset = getattr(hdu, "_data_offset", None)
+    needed = getattr(hdu, "size", None)
+    if not isinstance(offset, int) or not isinstance(needed, int):  # pragma: no cover - astropy internals
+        return
+    if size < offset + needed:
+        raise ImageError(f"{path}: the file is truncated ({size} bytes; its image needs {offset + needed})")
+
+
+def _check_tiles(path: str, hdu, size: int) -> None:
+    """Check a tile-compressed image's table against its image size and the file size.
+
+    The number of tiles must be what ZNAXISn and ZTILEn imply, and the compressed data
+    must fit in the file; otherwise damaged keywords could make decompression allocate
+    huge tiles or read past the end.
+    """
+    table = getattr(hdu, "_bintable", None)
+    if table is None:  # pragma: no cover - astropy internals
+        return
+    header = table.header
+    naxis = _int_value(header, "ZNAXIS")
+    tiles = 1
+    for axis in range(1, naxis + 1):
+        length = _int_value(header, f"ZNAXIS{axis}")
+        tile = header.get(f"ZTILE{axis}", length if axis == 1 else 1)
+        if length <= 0 or isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0:
+            raise ImageError(f"{path}: corrupt tile-compressed image (ZNAXIS{axis}/ZTILE{axis})")
+        tiles *= -(-length // tile)
+    rows = _int_value(header, "NAXIS2")
+    if naxis < 2 or tiles != rows:
+        raise ImageError(f"{path}: corrupt tile-compressed image ({rows} tiles stored,"
+                         f" {tiles} expected from ZNAXISn/ZTILEn)")
+    _check_complete(path, table, size)
 
 
 def _plane(image: OpenImage, data) -> np.ndarray:
@@ -112,13 +351,21 @@ def _plane(image: OpenImage, data) -> np.ndarray:
         raise ImageError(f"{image.path}: the image has no data")
     while data.ndim > 2:
         data = data[0]
+    expected = (image.geometry.naxis2, image.geometry.naxis1)
+    if data.shape != expected:
+        raise ImageError(f"{image.path}: the data are {data.shape[1]}x{data.shape[0]} pixels,"
+                         f" the header says {expected[1]}x{expected[0]}")
     return _to_physical(image, data)
 
 
 def _to_physical(image: OpenImage, raw: np.ndarray) -> np.ndarray:
+    """``raw*BSCALE + BZERO`` in double precision, integer BLANK pixels as NaN."""
     values = np.asarray(raw, dtype=np.float64)
     if image.scale != 1.0 or image.zero != 0.0:
-        values = values * image.scale + image.zero
+        with np.errstate(all="ignore"):  # an absurd BSCALE overflows to inf, quietly
+            values = values * image.scale + image.zero
+    elif values is raw:
+        values = values.copy()
     if image.blank is not None and raw.dtype.kind in "iu":
         values[raw == image.blank] = np.nan
     return values
@@ -127,30 +374,65 @@ def _to_physical(image: OpenImage, raw: np.ndarray) -> np.ndarray:
 def read_window(image: OpenImage, rows: slice, cols: slice) -> np.ndarray:
     """Physical pixel values of ``image`` over a window (first plane for cubes).
 
+    Parameters
+    ----------
+    image : OpenImage
+        The open image.
+    rows, cols : slice
+        The window, 0-based and inside the image.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, NaN where the image is blank.
+
     Raises
     ------
     ImageError
         The file is truncated or its data cannot be decoded.
     """
+    expected = (len(range(*rows.indices(image.geometry.naxis2))),
+                len(range(*cols.indices(image.geometry.naxis1))))
     try:
         if image.whole is not None:
-            return image.whole[rows, cols]
-        lead = (0,) * (image.ndim - 2)
-        if isinstance(image.hdu, fits.CompImageHDU):
-            # Tile-compressed: .section decompresses only the tiles the window touches.
-            raw = image.hdu.section[lead + (rows, cols)]
+            window = image.whole[rows, cols]
         else:
-            # Plain image: slice the memory map (``.section`` would read row by row).
-            raw = image.hdu.data[lead + (rows, cols)]
-        return _to_physical(image, np.asarray(raw))
+            lead = (0,) * (image.ndim - 2)
+            if isinstance(image.hdu, fits.CompImageHDU):
+                # Tile-compressed: .section decompresses only the tiles the window touches.
+                raw = image.hdu.section[lead + (rows, cols)]
+            else:
+                # Plain image: slice the memory map (``.section`` would read row by row).
+                raw = image.hdu.data[lead + (rows, cols)]
+            window = _to_physical(image, np.asarray(raw))
     except ImageError:
         raise
     except Exception as error:
         raise ImageError(f"{image.path}: cannot read pixels ({_describe(error)})") from None
+    if window.shape != expected:
+        raise ImageError(f"{image.path}: cannot read pixels (got a {window.shape[-1]}x"
+                         f"{window.shape[0]} window, expected {expected[1]}x{expected[0]})")
+    return window
+
+
+def _signature(path: str) -> tuple[int, ...] | None:
+    """What identifies a file's current content cheaply (None when it cannot be stat-ed)."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+_LIVE_READERS: "weakref.WeakSet[ImageReader]" = weakref.WeakSet()
 
 
 class ImageReader:
     """Opens images on demand and keeps the most recently used ones open.
+
+    A cached file is reused only while it is unchanged on disk (same inode, size and
+    modification time), so a long-lived worker never serves an image that has since
+    been rewritten. Failures are cached the same way and re-raised.
 
     Parameters
     ----------
@@ -160,36 +442,54 @@ class ImageReader:
 
     def __init__(self, max_open: int = 16) -> None:
         self.max_open = max_open
-        self._open: OrderedDict[str, OpenImage | ImageError] = OrderedDict()
+        self._open: OrderedDict[str, tuple[object, OpenImage | ImageError]] = OrderedDict()
+        _LIVE_READERS.add(self)
 
     def get(self, path: str) -> OpenImage:
-        """The open image at ``path`` (cached); re-raises the cached error for bad files."""
-        cached = self._open.get(path)
-        if cached is None:
-            try:
-                cached = open_image(path)
-            except ImageError as error:
-                cached = error
-            self._open[path] = cached
-            while len(self._open) > self.max_open:
-                _, old = self._open.popitem(last=False)
-                if isinstance(old, OpenImage):
-                    old.hdul.close()
-        else:
+        """The open image at ``path`` (cached); re-raises the cached error for bad files.
+
+        Raises
+        ------
+        ImageError
+        """
+        signature = _signature(path)
+        entry = self._open.get(path)
+        if entry is not None and entry[0] == signature:
             self._open.move_to_end(path)
-        if isinstance(cached, ImageError):
-            raise cached
-        return cached
+            item = entry[1]
+        else:
+            if entry is not None:
+                self._drop(path)
+            try:
+                item = open_image(path)
+            except ImageError as error:
+                item = error
+            self._open[path] = (signature, item)
+            while len(self._open) > self.max_open:
+                self._drop(next(iter(self._open)))
+        if isinstance(item, ImageError):
+            raise item
+        return item
+
+    def _drop(self, path: str) -> None:
+        _, item = self._open.pop(path)
+        if isinstance(item, OpenImage):
+            item.close()
 
     def close(self) -> None:
         """Close every open file."""
-        for item in self._open.values():
-            if isinstance(item, OpenImage):
-                item.hdul.close()
-        self._open.clear()
+        for path in list(self._open):
+            self._drop(path)
 
     def __enter__(self) -> "ImageReader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@atexit.register
+def _close_all_readers() -> None:  # pragma: no cover - runs at interpreter exit
+    """Close files left open by long-lived readers (e.g. a worker's), quietly."""
+    for reader in list(_LIVE_READERS):
+        reader.close()

@@ -8,6 +8,7 @@ winning.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from astropy.io import fits
 
+from diffit.fitsio import quiet_astropy
 from diffit.geometry import GridGeometry
 
 _REQUIRED = ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "CTYPE1", "CTYPE2",
@@ -64,11 +66,15 @@ class Template:
         NAXIS1/2 and CRPIX1/2 as mDiff reads them.
     header : astropy.io.fits.Header
         All cards, for the headers of kept difference images.
+    digest : str
+        SHA-256 of the file's bytes: equal templates compare (and hash) equal, so
+        per-image results that depend on the template can be cached by it.
     """
 
     path: str
     geometry: GridGeometry
     header: fits.Header = field(compare=False)
+    digest: str = ""
 
 
 def _looks_like_fits(raw: bytes) -> bool:
@@ -102,6 +108,8 @@ def read_template(path: str | os.PathLike) -> Template:
         raise TemplateError(f"Template file {name} is a directory") from None
     except OSError as error:
         raise TemplateError(f"Template file {name} cannot be read: {error.strerror}") from None
+    except ValueError:  # e.g. an embedded NUL in the name
+        raise TemplateError(f"Template file {name!r} is not a usable file name") from None
     if _looks_like_fits(raw):
         raise TemplateError(f"FITS file ({name}) cannot be used as a header template")
     if b"\0" in raw:
@@ -140,6 +148,14 @@ def read_template(path: str | os.PathLike) -> Template:
         raise TemplateError(f"Template file {name}: invalid CTYPE1 or CTYPE2 projection")
     if projection1 != projection2:
         raise TemplateError(f"Template file {name}: CTYPE1, CTYPE2 projection mismatch")
+    try:
+        matrix = pixel_matrix(header)
+    except (KeyError, ValueError) as error:
+        raise TemplateError(f"Template file {name}: {error.args[0]} is not a number") from None
+    if matrix is None:
+        raise TemplateError(f"Template file {name}: no usable CDELT1/CDELT2 or CD matrix")
+    if matrix[0] * matrix[3] - matrix[1] * matrix[2] == 0.0:
+        raise TemplateError(f"Template file {name}: the pixel scale (CDELT/CD matrix) is singular")
     geometry = GridGeometry(
         naxis1=c_atoi(values["NAXIS1"]),
         naxis2=c_atoi(values["NAXIS2"]),
@@ -150,7 +166,8 @@ def read_template(path: str | os.PathLike) -> Template:
         raise TemplateError(f"Template file {name}: NAXIS1/NAXIS2 must be positive")
     if not (math.isfinite(geometry.crpix1) and math.isfinite(geometry.crpix2)):
         raise TemplateError(f"Template file {name}: CRPIX1/CRPIX2 must be finite numbers")
-    return Template(path=name, geometry=geometry, header=header)
+    return Template(path=name, geometry=geometry, header=header,
+                    digest=hashlib.sha256(raw).hexdigest())
 
 
 def _projection(ctype: str) -> str:
@@ -162,63 +179,159 @@ def _projection(ctype: str) -> str:
 def _parse_cards(name: str, lines: list[str]) -> fits.Header:
     cards = [line for line in lines if line.strip() and line.split()[0] != "END"]
     header = fits.Header()
-    for line in cards:
-        try:
-            card = fits.Card.fromstring(line.ljust(80))
-            card.verify("silentfix")
-            if card.keyword in ("", "END"):
-                continue
-            header.append(card, end=True)
-        except Exception as error:  # astropy raises several types on bad cards
-            raise TemplateError(f"Template file {name}: bad header card {line.strip()!r} ({error})") from None
+    with quiet_astropy():
+        for line in cards:
+            _append_card(header, name, line)
     return header
+
+
+def _append_card(header: fits.Header, name: str, line: str) -> None:
+    """Parse one template line into ``header`` (TemplateError for a malformed card)."""
+    try:
+        card = fits.Card.fromstring(line.ljust(80))
+        card.verify("silentfix")
+        if card.keyword in ("", "END"):
+            return
+        header.append(card, end=True)
+    except Exception as error:  # astropy raises several types on bad cards
+        detail = " ".join(str(error).split())  # astropy's messages span several lines
+        raise TemplateError(f"Template file {name}: bad header card {line.strip()!r} ({detail})") from None
+
+
+def _number(header, key: str) -> float | None:
+    """A header value as a finite float, or None when absent or not a finite number."""
+    try:
+        value = header.get(key) if hasattr(header, "get") else None
+    except Exception:  # noqa: BLE001 - a mapping with odd keys
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class _BadValue(ValueError):
+    """A WCS keyword whose value is present but not a finite number."""
+
+
+def _required_number(header, key: str, default: float | None = None) -> float:
+    if key not in header:
+        if default is None:
+            raise KeyError(key)
+        return default
+    value = _number(header, key)
+    if value is None:
+        raise _BadValue(key)
+    return value
 
 
 def pixel_matrix(header) -> tuple[float, float, float, float] | None:
     """The 2x2 pixel-to-intermediate-world matrix of a FITS header, or None without one.
 
     CD keywords take precedence, then PCi_j times CDELTi, then CDELTi with CROTA2.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header or mapping
+        The header.
+
+    Returns
+    -------
+    tuple of 4 floats or None
+        ``(CD1_1, CD1_2, CD2_1, CD2_2)``, or None when the header has no CD matrix and
+        not both CDELTs.
+
+    Raises
+    ------
+    ValueError
+        A matrix keyword is present but is not a finite number (the message is the
+        keyword).
     """
-    get = header.get
     if any(k in header for k in _CD_KEYS):
-        return tuple(float(get(k, 0.0)) for k in _CD_KEYS)  # type: ignore[return-value]
+        return tuple(_required_number(header, k, 0.0) for k in _CD_KEYS)  # type: ignore[return-value]
     if "CDELT1" not in header or "CDELT2" not in header:
         return None
-    cdelt1 = float(get("CDELT1"))
-    cdelt2 = float(get("CDELT2"))
+    cdelt1 = _required_number(header, "CDELT1")
+    cdelt2 = _required_number(header, "CDELT2")
     if any(k in header for k in ("PC1_1", "PC1_2", "PC2_1", "PC2_2")):
-        pc = (float(get("PC1_1", 1.0)), float(get("PC1_2", 0.0)),
-              float(get("PC2_1", 0.0)), float(get("PC2_2", 1.0)))
+        pc = (_required_number(header, "PC1_1", 1.0), _required_number(header, "PC1_2", 0.0),
+              _required_number(header, "PC2_1", 0.0), _required_number(header, "PC2_2", 1.0))
         return (cdelt1 * pc[0], cdelt1 * pc[1], cdelt2 * pc[2], cdelt2 * pc[3])
-    rotation = math.radians(float(get("CROTA2", 0.0)))
+    rotation = math.radians(_required_number(header, "CROTA2", 0.0))
     cos, sin = math.cos(rotation), math.sin(rotation)
     return (cdelt1 * cos, -cdelt2 * sin, cdelt1 * sin, cdelt2 * cos)
 
 
-def grid_mismatch(template: fits.Header, image) -> str | None:
+#: Relative tolerance on the pixel matrix: headers written with fewer digits (e.g.
+#: ``-2.7777777777778E-04`` for ``-0.000277777777777778``) still match, while a real
+#: change of scale or rotation (over 1e-6, i.e. 0.01 pixel across 10,000 pixels) does not.
+MATRIX_TOLERANCE = 1e-6
+#: Tolerance on CRVAL, in pixels of the template's scale.
+CRVAL_TOLERANCE_PIXELS = 1e-4
+
+
+def _is_longitude(ctype: object) -> bool:
+    code = str(ctype).strip().upper()[:4]
+    return code.startswith("RA") or code[1:4] == "LON"
+
+
+def _ctype(header, key: str) -> str:
+    return str(header.get(key, "")).strip()
+
+
+def grid_mismatch(template, image) -> str | None:
     """Why ``image`` is not on the template's pixel grid, or None when it is (or can't tell).
 
-    Compares projection types, reference values and pixel matrices where the image
-    header has them; a header without WCS keywords is taken on trust, as Montage does.
+    Montage's mDiff assumes every image shares the template's projection, reference
+    point and pixel matrix, and only reads CRPIX and NAXIS; an image on another grid
+    would be differenced pixel by pixel anyway and give a meaningless fit. This compares
+    CTYPE1/2 exactly, the pixel matrices (CD, PC*CDELT or CDELT with CROTA2, so that
+    equivalent spellings agree) to a relative :data:`MATRIX_TOLERANCE`, and CRVAL1/2 to
+    :data:`CRVAL_TOLERANCE_PIXELS` pixels (longitudes modulo 360 degrees). Keywords the
+    image does not have are taken on trust, as Montage does; so are template values
+    that are not numbers.
 
     Parameters
     ----------
     template, image : astropy.io.fits.Header or mapping
         Headers to compare.
+
+    Returns
+    -------
+    str or None
+        A short description of the first difference found.
     """
     for axis in ("1", "2"):
         key = "CTYPE" + axis
-        if key in image and str(image[key]).strip() != str(template.get(key, "")).strip():
-            return f"{key} {str(image[key]).strip()!r} differs from the template's"
-    template_matrix = pixel_matrix(template)
-    image_matrix = pixel_matrix(image)
+        if key in image and _ctype(image, key) != _ctype(template, key):
+            return f"{key} {_ctype(image, key)!r} differs from the template's {_ctype(template, key)!r}"
+    try:
+        template_matrix = pixel_matrix(template)
+    except (KeyError, ValueError):
+        template_matrix = None
+    try:
+        image_matrix = pixel_matrix(image)
+    except (KeyError, ValueError) as error:
+        return f"{error.args[0]} is not a number"
+    scale = max((abs(v) for v in template_matrix), default=0.0) if template_matrix else 0.0
     if template_matrix is not None and image_matrix is not None:
-        scale = max(abs(v) for v in template_matrix) or 1.0
-        if any(abs(a - b) > 1e-6 * scale for a, b in zip(template_matrix, image_matrix)):
-            return "pixel scale/rotation (CDELT/CD) differs from the template's"
-        for axis in ("1", "2"):
-            key = "CRVAL" + axis
-            if key in image and key in template:
-                if abs(float(image[key]) - float(template[key])) > 1e-4 * scale:
-                    return f"{key} differs from the template's"
+        tolerance = MATRIX_TOLERANCE * (scale or 1.0)
+        if any(abs(a - b) > tolerance for a, b in zip(template_matrix, image_matrix)):
+            return "pixel scale or rotation (CDELT/CD/PC/CROTA2) differs from the template's"
+    for axis in ("1", "2"):
+        key = "CRVAL" + axis
+        if key not in image:
+            continue
+        value = _number(image, key)
+        if value is None:
+            return f"{key} is not a number"
+        reference = _number(template, key)
+        if reference is None:
+            continue
+        difference = abs(value - reference)
+        if _is_longitude(template.get("CTYPE" + axis, "")):
+            difference = difference % 360.0
+            difference = min(difference, 360.0 - difference)
+        if difference > CRVAL_TOLERANCE_PIXELS * (scale or 1.0):
+            return f"{key} = {value!r} differs from the template's {reference!r}"
     return None

@@ -2,23 +2,33 @@
 
 This is the worker's unit of work. It touches files only to read the overlap windows
 of the images (through :class:`diffit.fitsio.ImageReader`) and, with ``keep_all``, to
-write the difference and area images exactly as Montage's mDiff would.
+write the difference and area images exactly as Montage's mDiff would (difference
+files are never read back, so stale ones from an earlier run cannot matter).
+
+Bad inputs never raise: :func:`process_pair` turns every failure into a
+:class:`PairOutcome` with ``stage`` ``"diff"`` or ``"fit"`` and a one-line reason that
+names the file at fault -- missing, truncated or corrupt images and area files, images
+without NAXISn/CRPIXn, images that are not on the template's grid (which Montage would
+silently difference anyway), area images of another shape -- or gives Montage's own
+message ("Images don't overlap", "All pixels are blank.", "Too few pixels to fit", ...).
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
-
 
 from astropy.io import fits
 
 from diffit.difference import Difference, difference, fits_rounded
 from diffit.fitplane import FitError, PlaneFit, fit_plane
-from diffit.fitsio import ImageError, ImageReader, OpenImage, read_window
+from diffit.fitsio import ImageError, ImageReader, OpenImage, quiet_astropy, read_window
 from diffit.geometry import overlap_window
 from diffit.headers import Template, grid_mismatch
 from diffit.tables import OverlapPair, format_fit_row
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,21 +85,70 @@ def file_path(directory: str, name: str) -> str:
     return directory + name if directory.endswith("/") else directory + "/" + name
 
 
-def input_names(path: str) -> tuple[str, str]:
-    """Flux and area file names for an image name, following mDiff.
+#: Endings of image names that diffit reads as given (compressed images, ``.fit``) when
+#: Montage's name (with ``.fits`` appended) does not exist.
+AS_GIVEN_SUFFIXES = (".fits.gz", ".fits.fz", ".fits.bz2", ".fit.gz", ".fit.fz", ".fit")
+_AREA_SUFFIXES = (".fits", ".fits.gz", ".fits.fz")
 
-    ``x.fits`` pairs with ``x_area.fits``. Montage appends ``.fits`` to any other name;
-    diffit first accepts the name as given when that file exists (e.g. ``x.fits.gz``,
-    ``x.fits.fz``), pairing it with ``x_area.fits.gz`` when present.
+
+def _first_existing(candidates: list[str]) -> str:
+    """The first candidate that exists, else the first (named in the error message)."""
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return candidate
+    return candidates[0]
+
+
+def _area_candidates(stem: str, suffix: str) -> list[str]:
+    names = [stem + "_area" + suffix]
+    names += [stem + "_area" + s for s in _AREA_SUFFIXES if s != suffix]
+    return names
+
+
+def input_names(path: str) -> tuple[str, str]:
+    """Flux and area file names for an image name, following mDiff where Montage works.
+
+    Montage pairs ``x.fits`` with ``x_area.fits`` and appends ``.fits``/``_area.fits``
+    to any other name; those names are used whenever the flux file exists. Otherwise
+    diffit also accepts compressed images:
+
+    * a name given with a compressed ending (``x.fits.gz``, ``x.fits.fz``, ...) or as
+      ``x.fit`` is read as given, with ``x_area`` plus the same ending, else
+      ``x_area.fits``, else another compressed area file, whichever exists first;
+    * ``x.fits`` that exists only as ``x.fits.gz`` or ``x.fits.fz`` is read from that.
+
+    An area file that does not exist under Montage's name is looked for compressed
+    (``x_area.fits.gz``, ``x_area.fits.fz``). When no flux file exists, Montage's names
+    are returned, so that the failure names the file Montage would.
+
+    Parameters
+    ----------
+    path : str
+        The image name from the overlap table, joined to the image folder.
+
+    Returns
+    -------
+    (str, str)
+        Flux file and area file.
     """
-    if len(path) > 5 and path.endswith(".fits"):
-        return path, path[:-5] + "_area.fits"
-    for suffix in (".fits.gz", ".fits.fz", ".fits.bz2", ".fit.gz", ".fit"):
+    fits_name = len(path) > 5 and path.endswith(".fits")
+    if fits_name:
+        stem = path[:-5]
+        flux, area = path, stem + "_area.fits"
+    else:
+        stem = path
+        flux, area = path + ".fits", path + "_area.fits"
+    if os.path.exists(flux):
+        return flux, _first_existing(_area_candidates(stem, ".fits"))
+    for suffix in AS_GIVEN_SUFFIXES:
         if path.endswith(suffix) and os.path.exists(path):
             stem = path[: -len(suffix)]
-            area = stem + "_area" + suffix
-            return path, area if os.path.exists(area) else stem + "_area.fits"
-    return path + ".fits", path + "_area.fits"
+            return path, _first_existing(_area_candidates(stem, suffix))
+    if fits_name:
+        for extra in (".gz", ".fz"):
+            if os.path.exists(path + extra):
+                return path + extra, _first_existing(_area_candidates(stem, ".fits" + extra))
+    return flux, area
 
 
 def diff_paths(diffdir: str, diff: str) -> tuple[str, str]:
@@ -109,8 +168,12 @@ class PairError(Exception):
 
 
 def _open_input(reader: ImageReader, template: Template, path: str) -> OpenImage:
+    """Open an image and check that it is on the template's grid (once per open file)."""
     image = reader.get(path)
-    problem = grid_mismatch(template.header, image.header)
+    key = ("grid", template)
+    if key not in image.checks:
+        image.checks[key] = grid_mismatch(template.header, image.header)
+    problem = image.checks[key]
     if problem:
         raise ImageError(f"{path}: not on the template grid ({problem})")
     return image
@@ -163,25 +226,41 @@ def compute_difference(
 
 def write_difference(paths: tuple[str, str], template: Template, result: Difference,
                      crpix1: float, crpix2: float) -> None:
-    """Write the difference and area images as mDiff does (template cards, BITPIX -64)."""
+    """Write the difference and area images as mDiff does (template cards, BITPIX -64).
+
+    Raises
+    ------
+    PairError
+        With stage ``"diff"``, naming the file that could not be written.
+    """
     for path, data in zip(paths, (result.data, result.area)):
         header = template.header.copy()
         for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
             header.remove(key, ignore_missing=True, remove_all=True)
         header["CRPIX1"] = crpix1
         header["CRPIX2"] = crpix2
-        hdu = fits.PrimaryHDU(data=data.astype(">f8", copy=False), header=header)
-        write_fits_atomically(hdu, path)
+        with quiet_astropy():  # e.g. a BLANK card in the template: not for float data
+            hdu = fits.PrimaryHDU(data=data.astype(">f8", copy=False), header=header)
+        try:
+            write_fits_atomically(hdu, path)
+        except OSError as error:
+            reason = error.strerror or _describe(error)
+            raise PairError("diff", f"cannot write difference image {path}: {reason}") from None
 
 
 def write_fits_atomically(hdu: fits.PrimaryHDU, path: str) -> None:
-    """Write a FITS file via a temporary file in the same folder and a rename."""
+    """Write a FITS file via a temporary file in the same folder and a rename.
+
+    A stale file of the same name (e.g. from an earlier keepAll run) is replaced only
+    once the new one is complete; diffit never reads difference files back.
+    """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".diffit-", suffix=".fits", dir=directory)
     os.close(handle)
     try:
-        hdu.writeto(temporary, overwrite=True, output_verify="silentfix")
+        with quiet_astropy():  # template cards astropy would "fix" noisily
+            hdu.writeto(temporary, overwrite=True, output_verify="silentfix")
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -189,10 +268,20 @@ def write_fits_atomically(hdu: fits.PrimaryHDU, path: str) -> None:
         raise
 
 
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 def process_pair(
     pair: OverlapPair, template: Template, options: PairOptions, reader: ImageReader
 ) -> PairOutcome:
     """Difference and fit one pair; never raises for bad inputs.
+
+    Every failure becomes an outcome with ``stage`` ``"diff"`` or ``"fit"`` and a
+    one-line reason (naming the file at fault where there is one). Anything unforeseen
+    is caught too and reported as ``unexpected error ...`` for that pair alone, so one
+    odd input can never end a run.
 
     Parameters
     ----------
@@ -211,20 +300,20 @@ def process_pair(
     """
     common = dict(index=pair.index, cntr1=pair.cntr1, cntr2=pair.cntr2,
                   plus=pair.plus, minus=pair.minus, diff=pair.diff)
+    stage = "diff"
     try:
         result, crpix1, crpix2 = compute_difference(pair, template, options, reader)
         if options.keep_all:
-            try:
-                write_difference(diff_paths(options.diffdir, pair.diff), template,
-                                 result, crpix1, crpix2)
-            except OSError as error:
-                raise PairError("diff", f"cannot write difference image: {error}") from None
+            write_difference(diff_paths(options.diffdir, pair.diff), template,
+                             result, crpix1, crpix2)
+        stage = "fit"
         try:
             fit = fit_plane(result.data, crpix1, crpix2, options.level_only)
         except FitError as error:
             raise PairError("fit", str(error)) from None
     except PairError as error:
         return PairOutcome(stage=error.stage, reason=str(error), **common)
+    except Exception as error:  # noqa: BLE001 - a bad pair must not end the run
+        log.debug("pair %d failed unexpectedly", pair.index, exc_info=True)
+        return PairOutcome(stage=stage, reason=f"unexpected error ({_describe(error)})", **common)
     return PairOutcome(stage="ok", fit=fit, **common)
-
-

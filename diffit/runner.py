@@ -180,17 +180,26 @@ class _Journal:
 
     def open(self, keep: dict[int, dict]) -> None:
         directory = os.path.dirname(self.path) or "."
-        handle, temporary = tempfile.mkstemp(prefix=".diffit-journal-", dir=directory)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(json.dumps(self.signature) + "\n")
-            for record in keep.values():
-                stream.write(json.dumps(record) + "\n")
-        os.replace(temporary, self.path)
-        self._stream = open(self.path, "a", encoding="utf-8")
+        temporary = None
+        try:
+            handle, temporary = tempfile.mkstemp(prefix=".diffit-journal-", dir=directory)
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(json.dumps(self.signature) + "\n")
+                for record in keep.values():
+                    stream.write(json.dumps(record) + "\n")
+            os.replace(temporary, self.path)
+            self._stream = open(self.path, "a", encoding="utf-8")
+        except OSError as error:  # e.g. ENOSPC
+            if temporary is not None and os.path.exists(temporary):
+                os.remove(temporary)
+            raise RunError(f"Can't write journal {self.path}: {error.strerror or error}") from None
 
     def append(self, outcomes: list[PairOutcome]) -> None:
-        self._stream.write("".join(json.dumps(_outcome_record(o)) + "\n" for o in outcomes))
-        self._stream.flush()
+        try:
+            self._stream.write("".join(json.dumps(_outcome_record(o)) + "\n" for o in outcomes))
+            self._stream.flush()
+        except OSError as error:  # e.g. ENOSPC
+            raise RunError(f"Can't write journal {self.path}: {error.strerror or error}") from None
 
     def close(self) -> None:
         stream = getattr(self, "_stream", None)
@@ -222,11 +231,14 @@ class _OrderedWriter:
 
     def add(self, index: int, row: str | None) -> None:
         self.pending[index] = row
-        while self.next_index in self.pending:
-            row = self.pending.pop(self.next_index)
-            if row is not None:
-                self.stream.write(row)
-            self.next_index += 1
+        try:
+            while self.next_index in self.pending:
+                row = self.pending.pop(self.next_index)
+                if row is not None:
+                    self.stream.write(row)
+                self.next_index += 1
+        except OSError as error:  # e.g. ENOSPC when the buffer is flushed
+            raise RunError(f"Can't write output file {self.output}: {error.strerror or error}") from None
 
     def commit(self) -> None:
         if self.pending:
@@ -241,8 +253,11 @@ class _OrderedWriter:
             raise RunError(f"Can't write output file {self.output}: {error.strerror}") from None
 
     def discard(self) -> None:
-        if not self.stream.closed:
-            self.stream.close()
+        try:
+            if not self.stream.closed:
+                self.stream.close()
+        except OSError:  # closing flushes the buffer, which fails again on a full disk
+            pass
         if os.path.exists(self.temporary):
             os.remove(self.temporary)
 
@@ -365,7 +380,10 @@ def run(
         _close_readers()
         if bar is not None and hasattr(bar, "close"):
             bar.close()
-    writer.commit()
+    try:
+        writer.commit()
+    finally:
+        journal.close()  # kept if the commit fails, so that --resume can finish the run
     journal.remove()
     if result.outcomes is not None:
         result.outcomes.sort(key=lambda o: o.index)
