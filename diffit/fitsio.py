@@ -30,6 +30,7 @@ import bz2
 import gzip
 import io
 import math
+import mmap
 import os
 import threading
 import warnings
@@ -371,6 +372,33 @@ def _to_physical(image: OpenImage, raw: np.ndarray) -> np.ndarray:
     return values
 
 
+_BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
+    """A window of an uncompressed image through a memory map held only for this read.
+
+    Slicing a map touches only the pages the window lies on (``.section`` would read
+    row by row), and unmapping it at once keeps those pages out of the process's
+    resident memory, however many images are open and however large they are.
+    """
+    header = image.hdu.header
+    dtype = np.dtype(_BITPIX_DTYPES[int(header["BITPIX"])])
+    shape = tuple(int(header[f"NAXIS{axis}"]) for axis in range(image.ndim, 0, -1))
+    offset = image.hdu.fileinfo()["datLoc"]
+    with open(image.path, "rb") as stream:
+        mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        if len(mapped) < offset + dtype.itemsize * math.prod(shape):
+            raise ImageError(f"{image.path}: the file is truncated")
+        raw = np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset)[index]
+        window = _to_physical(image, raw)
+        del raw
+    finally:
+        mapped.close()
+    return window
+
+
 def read_window(image: OpenImage, rows: slice, cols: slice) -> np.ndarray:
     """Physical pixel values of ``image`` over a window (first plane for cubes).
 
@@ -402,9 +430,10 @@ def read_window(image: OpenImage, rows: slice, cols: slice) -> np.ndarray:
                 # Tile-compressed: .section decompresses only the tiles the window touches.
                 raw = image.hdu.section[lead + (rows, cols)]
             else:
-                # Plain image: slice the memory map (``.section`` would read row by row).
-                raw = image.hdu.data[lead + (rows, cols)]
-            window = _to_physical(image, np.asarray(raw))
+                raw = None
+                window = _read_plain(image, lead + (rows, cols))
+            if raw is not None:
+                window = _to_physical(image, np.asarray(raw))
     except ImageError:
         raise
     except Exception as error:
@@ -443,6 +472,7 @@ class ImageReader:
     def __init__(self, max_open: int = 16) -> None:
         self.max_open = max_open
         self._open: OrderedDict[str, tuple[object, OpenImage | ImageError]] = OrderedDict()
+        self._lock = threading.RLock()  # one reader may serve several worker threads
         _LIVE_READERS.add(self)
 
     def get(self, path: str) -> OpenImage:
@@ -453,6 +483,13 @@ class ImageReader:
         ImageError
         """
         signature = _signature(path)
+        with self._lock:
+            item = self._get(path, signature)
+        if isinstance(item, ImageError):
+            raise item
+        return item
+
+    def _get(self, path: str, signature: object) -> OpenImage | ImageError:
         entry = self._open.get(path)
         if entry is not None and entry[0] == signature:
             self._open.move_to_end(path)
@@ -467,8 +504,6 @@ class ImageReader:
             self._open[path] = (signature, item)
             while len(self._open) > self.max_open:
                 self._drop(next(iter(self._open)))
-        if isinstance(item, ImageError):
-            raise item
         return item
 
     def _drop(self, path: str) -> None:
@@ -478,8 +513,9 @@ class ImageReader:
 
     def close(self) -> None:
         """Close every open file."""
-        for path in list(self._open):
-            self._drop(path)
+        with self._lock:
+            for path in list(self._open):
+                self._drop(path)
 
     def __enter__(self) -> "ImageReader":
         return self

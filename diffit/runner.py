@@ -29,9 +29,8 @@ log = logging.getLogger(__name__)
 
 JOURNAL_SUFFIX = ".journal"
 BACKENDS = ("threads", "processes")
-_LOCAL = threading.local()  # each worker thread (or process) keeps its own open-file cache
-_READERS: list[ImageReader] = []  # every reader of this process, closed when a run ends
-_READERS_LOCK = threading.Lock()
+_READER: ImageReader | None = None  # this process's open-file cache, shared by its threads
+_READER_LOCK = threading.Lock()
 
 
 class RunError(Exception):
@@ -90,19 +89,17 @@ class RunResult:
 
 
 def _worker_reader() -> ImageReader:
-    reader = getattr(_LOCAL, "reader", None)
-    if reader is None:
-        reader = _LOCAL.reader = ImageReader(max_open=32)
-        with _READERS_LOCK:
-            _READERS.append(reader)
-    return reader
+    global _READER
+    with _READER_LOCK:
+        if _READER is None:
+            _READER = ImageReader(max_open=256)
+        return _READER
 
 
 def _close_readers() -> None:
-    """Close the files held by this process's readers (they reopen files on demand)."""
-    with _READERS_LOCK:
-        for reader in _READERS:
-            reader.close()
+    """Close the files held by this process's reader (it reopens files on demand)."""
+    if _READER is not None:
+        _READER.close()
 
 
 def process_batch(
