@@ -38,7 +38,8 @@ log = logging.getLogger("bench_huge_table")
 
 #: Pairs per tile of make_survey's layout for square tiles (measured: 2.82-2.91).
 PAIRS_PER_TILE = 2.8
-PAGE = os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proctree import process_tree, rss_bytes  # noqa: E402
 
 # Runs in the fresh child process: one diffit.run, a JSON line on stdout.
 CHILD = """
@@ -57,45 +58,6 @@ print(json.dumps({"count": r.count, "succeeded": r.succeeded, "diff_failed": r.d
 # ------------------------------------------------------------------------------------
 # process-tree memory sampling
 # ------------------------------------------------------------------------------------
-
-def _parents() -> dict[int, int]:
-    """pid -> ppid of every process visible in /proc."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stream:
-                stat = stream.read()
-        except OSError:
-            continue
-        # the command name is in parentheses and may contain spaces
-        fields = stat[stat.rfind(b")") + 2:].split()
-        table[int(entry.name)] = int(fields[1])
-    return table
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants that are alive now."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in _parents().items():
-        children.setdefault(ppid, []).append(pid)
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of one process (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as stream:
-            return int(stream.read().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
-
 
 def pss_bytes(pid: int) -> int:
     """Proportional set size (shared pages split between their users; 0 if unknown)."""

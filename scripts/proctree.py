@@ -26,6 +26,7 @@ class Measurement:
 
 
 def _children() -> dict[int, list[int]]:
+    """ppid -> child pids of every process visible in /proc."""
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -35,25 +36,35 @@ def _children() -> dict[int, list[int]]:
                 stat = stream.read()
         except OSError:
             continue
+        # the command name is in parentheses and may contain spaces
         ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
         tree.setdefault(ppid, []).append(int(entry))
     return tree
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants that are alive now."""
+    children = _children()
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as stream:
+            return int(stream.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and all its descendants."""
-    tree = _children()
-    total = 0
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            with open(f"/proc/{current}/statm") as stream:
-                total += int(stream.read().split()[1]) * PAGE
-        except OSError:
-            pass
-        stack.extend(tree.get(current, []))
-    return total
+    return sum(rss_bytes(member) for member in process_tree(pid))
 
 
 def measure(command: list[str], interval: float = 0.02, env: dict | None = None,
