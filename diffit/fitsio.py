@@ -102,6 +102,7 @@ class OpenImage:
     whole: np.ndarray | None = field(default=None, repr=False)
     stream: object = field(default=None, repr=False)
     checks: dict = field(default_factory=dict, repr=False)
+    layout: tuple | None = field(default=None, repr=False)
 
     def close(self) -> None:
         """Close the file (and drop the memory map)."""
@@ -382,10 +383,12 @@ def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
     row by row), and unmapping it at once keeps those pages out of the process's
     resident memory, however many images are open and however large they are.
     """
-    header = image.hdu.header
-    dtype = np.dtype(_BITPIX_DTYPES[int(header["BITPIX"])])
-    shape = tuple(int(header[f"NAXIS{axis}"]) for axis in range(image.ndim, 0, -1))
-    offset = image.hdu.fileinfo()["datLoc"]
+    if image.layout is None:  # parsed once per open file: header lookups are slow
+        header = image.hdu.header
+        image.layout = (np.dtype(_BITPIX_DTYPES[int(header["BITPIX"])]),
+                        tuple(int(header[f"NAXIS{axis}"]) for axis in range(image.ndim, 0, -1)),
+                        image.hdu.fileinfo()["datLoc"])
+    dtype, shape, offset = image.layout
     with open(image.path, "rb") as stream:
         mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
     try:
