@@ -25,8 +25,10 @@ Two joblib 1.6 quirks are worked around by registering the backend under its own
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import re
 from collections.abc import Iterator
 from types import ModuleType
 from contextlib import contextmanager
@@ -145,6 +147,8 @@ def _connected(distributed: ModuleType, joblib: ModuleType, address: str, timeou
         if address:
             where = f"the Dask scheduler at {address}"
             kind = "scheduler_file" if os.path.isfile(address) else "address"
+            if kind == "address" and not _ADDRESS.match(address):
+                raise ValueError("not a scheduler address (tcp://host:port) or scheduler file")
             client = distributed.Client(**{kind: address}, timeout=timeout)
         else:
             where = "a local Dask cluster"
@@ -153,7 +157,12 @@ def _connected(distributed: ModuleType, joblib: ModuleType, address: str, timeou
     except Exception as error:
         if cluster is not None:
             cluster.close()
-        raise RunError(f"cannot connect to {where}: {_one_line(error)}") from None
+        message = _one_line(error)
+        del error
+        # A half-built Client is closed by its __del__; collect it now, not during the
+        # start of some later Client, where distributed can deadlock on its loop lock.
+        gc.collect()
+        raise RunError(f"cannot connect to {where}: {message}") from None
     try:
         try:
             client.wait_for_workers(1, timeout=wait_for_workers)
@@ -170,5 +179,7 @@ def _connected(distributed: ModuleType, joblib: ModuleType, address: str, timeou
         if cluster is not None:
             cluster.close()
 
+
+_ADDRESS = re.compile(r"^(?:(?:tcp|tls|inproc|ucx|ws|wss)://)?[^\s/:]+:\d+$|^(?:inproc|ucx)://\S+$")
 
 __all__ = ["dask_backend", "BACKEND_NAME"]
