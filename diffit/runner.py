@@ -473,8 +473,16 @@ def _parallel(batches, in_flight, template, options, jobs, backend, task):
             in_flight[batch[0].index] = batch
             yield joblib.delayed(task)(batch, template, options)
 
-    parallel = joblib.Parallel(n_jobs=jobs, backend=backend,
-                               return_as="generator_unordered", pre_dispatch="2*n_jobs")
+    if backend in ("threading", "loky"):
+        parallel = joblib.Parallel(n_jobs=jobs, backend=backend,
+                                   return_as="generator_unordered", pre_dispatch="2*n_jobs")
+    else:
+        # joblib 1.6 builds a backend named in Parallel(backend=...) with nesting_level,
+        # which its Dask backend forwards to every task (TypeError in Batch.__call__);
+        # a backend chosen through parallel_config is built without it.
+        with joblib.parallel_config(backend=backend):
+            parallel = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered",
+                                       pre_dispatch="2*n_jobs")
     for outcomes in parallel(tracked()):
         in_flight.pop(outcomes[0].index, None)
         yield outcomes

@@ -48,7 +48,8 @@ t0 = time.perf_counter()
 args = json.loads(sys.argv[1])
 from diffit.runner import run
 t1 = time.perf_counter()
-r = run(args["projdir"], args["diffs"], args["template"], args["output"], jobs=args["jobs"])
+extra = {"backend": args["backend"]} if args.get("backend") else {}
+r = run(args["projdir"], args["diffs"], args["template"], args["output"], jobs=args["jobs"], **extra)
 t2 = time.perf_counter()
 print(json.dumps({"count": r.count, "succeeded": r.succeeded, "diff_failed": r.diff_failed,
                   "fit_failed": r.fit_failed, "import_s": t1 - t0, "run_s": t2 - t1}))
@@ -148,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default="10000,30000",
                         help="smaller tables to run too, comma-separated (default: 10000,30000)")
     parser.add_argument("--jobs", "-j", type=int, default=2, help="diffit worker processes")
+    parser.add_argument("--backend", choices=["threads", "processes"],
+                        help="diffit.run backend (default: run()'s default)")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--workdir", help="where to generate the survey (default: a temporary"
                         " folder, removed afterwards); an existing survey there is reused")
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             output = workdir / f"fits_{size}.tbl"
             child_args = {"projdir": inputs["projdir"], "diffs": inputs["tables"][str(size)],
                           "template": inputs["template"], "output": str(output),
-                          "jobs": args.jobs}
+                          "jobs": args.jobs, "backend": args.backend}
             load_before = os.getloadavg()[0]
             counts, wall, peaks = run_child(child_args, args.interval)
             with open(output, "rb") as stream:
@@ -228,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     print()
-    print(f"diffit huge-table benchmark: jobs={args.jobs}, {inputs['tiles']} tiles of "
+    print(f"diffit huge-table benchmark: backend={args.backend or 'default'}, jobs={args.jobs},"
+          f" {inputs['tiles']} tiles of "
           f"{args.tile}x{args.tile}, {note}, {os.cpu_count()} CPUs")
     header = (f"{'pairs':>8} {'wall s':>8} {'run s':>8} {'pairs/s':>8} {'RSS tree MB':>12}"
               f" {'PSS tree MB':>12} {'RSS main MB':>12} {'procs':>6} {'load':>5}")
@@ -245,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{first['pairs']} pairs ({last['pairs'] / first['pairs']:.0f}x the pairs)")
     if args.json:
         report = {
-            "benchmark": "bench_huge_table", "jobs": args.jobs, "note": note,
+            "benchmark": "bench_huge_table", "jobs": args.jobs,
+            "backend": args.backend or "default", "note": note,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "platform": platform.platform()},
             "survey": {k: v for k, v in inputs.items() if k not in ("tables", "directory",
