@@ -6,8 +6,10 @@ fits.tbl rows are identical to Montage's:
 * coordinates ``x = i - crpix1``, ``y = j - crpix2`` for 0-based column ``i``, row ``j``;
 * exactly 20 iterations of a least-squares fit of ``a*x + b*y + c`` in which, after the
   first, pixels further than ``2*rms`` from the previous plane are rejected;
-* sums accumulated sequentially in scan order and the 3x3 normal equations solved by
-  Gauss-Jordan elimination with full pivoting, which reproduces Montage's doubles;
+* sums accumulated sequentially in scan order (coordinate sums that are provably exact
+  are gathered as integers instead: the same doubles, fewer dependent additions) and
+  the 3x3 normal equations solved by Gauss-Jordan elimination with full pivoting,
+  which reproduces Montage's doubles;
 * ``npixel`` and ``rms`` from the last rms pass, ``xmin``..``ycenter`` from the last fit.
 
 Iterations stop early once the state ``(a, b, c, rms)`` repeats bit for bit: every
@@ -141,6 +143,225 @@ def _same(x, y):  # pragma: no cover - jitted
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def _all_finite(xs, ys, zs):  # pragma: no cover - jitted
+    bad = False
+    for k in range(xs.shape[0]):
+        bad |= (not np.isfinite(xs[k])) | (not np.isfinite(ys[k])) | (not np.isfinite(zs[k]))
+    return not bad
+
+
+_FRACTION_BITS = 26  # coordinates must be multiples of 2**-26 for the exact path
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _fraction_bits(values):  # pragma: no cover - jitted
+    """A guess at the smallest ``q`` making every ``value * 2**q`` an integer (or -1).
+
+    Only a guess: ``v - floor(v)`` can round for small negative ``v``.
+    ``_exact_scale_bits`` verifies it.
+    """
+    unit = float(2 ** _FRACTION_BITS)
+    bits = 0
+    bad = False
+    for k in range(values.shape[0]):
+        v = values[k]
+        fraction = (v - np.floor(v)) * unit
+        bad |= fraction != np.floor(fraction)  # also true for non-finite v
+        bits |= np.int32(fraction)  # only used when no value was bad
+    if bad:
+        return -1
+    q = _FRACTION_BITS
+    while bits != 0 and bits % 2 == 0:
+        bits //= 2
+        q -= 1
+    return q if bits != 0 else 0
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _all_multiples(values, scale):  # pragma: no cover - jitted
+    """True when every ``value * scale`` (exact: scale is a power of two) is an integer."""
+    bad = False
+    for k in range(values.shape[0]):
+        v = values[k] * scale
+        bad |= v != np.floor(v)
+    return not bad
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def _sum_of_squares(xs, ys):  # pragma: no cover - jitted
+    """``sum(x*x + y*y)`` in any order: only used as a bound, with a safety margin."""
+    total = 0.0
+    for k in range(xs.shape[0]):
+        total += xs[k] * xs[k] + ys[k] * ys[k]
+    return total
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _exact_scale_bits(xs, ys):  # pragma: no cover - jitted
+    """``q`` such that all sums of x, y, x*x, y*y, x*y are exact, or -1.
+
+    Requires finite ``xs``, ``ys``. Let ``X = x*2**q`` and ``Y = y*2**q`` be integers.
+    If ``S = sum(X*X + Y*Y) < 2**53`` over *all* pixels then, as ``|X| <= X*X`` for
+    integers, ``sum|X|`` and ``sum|Y|`` are below ``2**53`` too, and
+    ``sum|X*Y| <= S/2``. So every term x, y, x*x, y*y, x*y and every partial sum over
+    any subset of the pixels, in any order, is an integer multiple of ``2**-2q`` below
+    ``2**53 * 2**-2q`` in magnitude: an exactly representable double. None of
+    Montage's sequential additions rounds, and its sums equal the exact ones. ``S`` is
+    computed in floating point with relative error below ``(n+1) * 2**-53``, which the
+    test ``S <= 2**52`` leaves room for.
+    """
+    qx = _fraction_bits(xs)
+    qy = _fraction_bits(ys)
+    if qx < 0 or qy < 0:
+        return -1
+    q = max(qx, qy)
+    scale = 2.0 ** q
+    if not (_all_multiples(xs, scale) and _all_multiples(ys, scale)):
+        return -1
+    if not _sum_of_squares(xs, ys) * (scale * scale) <= 2.0 ** 52:  # NaN/inf fail too
+        return -1
+    return q
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _scaled_integers(values, scale):  # pragma: no cover - jitted
+    out = np.empty(values.shape[0], dtype=np.int32)
+    for k in range(values.shape[0]):
+        out[k] = np.int32(values[k] * scale)
+    return out
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _row_starts(ys):  # pragma: no cover - jitted
+    """Start of each run of bit-identical ``ys`` (one image row), then ``len(ys)``."""
+    n = ys.shape[0]
+    bits = ys.view(np.int64)
+    count = 1 if n > 0 else 0
+    for k in range(1, n):
+        count += bits[k] != bits[k - 1]
+    starts = np.empty(count + 1, dtype=np.int64)
+    count = 0
+    for k in range(n):
+        if k == 0 or bits[k] != bits[k - 1]:
+            starts[count] = k
+            count += 1
+    starts[count] = n
+    return starts
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _count_within(residual, limit):  # pragma: no cover - jitted
+    """Number of residuals not above ``limit`` (NaN counts as within)."""
+    count = 0
+    for k in range(residual.shape[0]):
+        count += not (residual[k] > limit)
+    return count
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _fit_pass_exact(xs, zs, xi, starts, row_y, row_yi, residual, limit):  # pragma: no cover - jitted
+    """Fit-pass sums when the coordinate sums are exact (see ``_exact_scale_bits``).
+
+    Only the ``z`` sums need Montage's scan order; they are accumulated in sequence.
+    The coordinate sums are exact in any order, so they are gathered as integers
+    (``X = x*2**q``, ``Y = y*2**q``) per row, where ``Y`` is constant. Returns
+    ``(sum X*X, sum Y*Y, sum X*Y, sum X, sum Y, sxz, syz, sz, n)``.
+    """
+    sxz = syz = sz = 0.0
+    s_n = s_x = s_y = s_xx = s_yy = s_xy = 0
+    for r in range(starts.shape[0] - 1):
+        y = row_y[r]
+        r_n = r_x = r_xx = 0
+        for k in range(np.uint64(starts[r]), np.uint64(starts[r + 1])):
+            keep = 0.0 if residual[k] > limit else 1.0
+            z = zs[k] * keep  # z or a zero; x, y, z finite: products are x*z or zeros
+            sxz += xs[k] * z
+            syz += y * z
+            sz += z
+            n = np.int64(keep)
+            x = xi[k] * n
+            r_n += n
+            r_x += x
+            r_xx += x * x
+        y_int = np.int64(row_yi[r])
+        s_n += r_n
+        s_x += r_x
+        s_xx += r_xx
+        s_y += y_int * r_n
+        s_yy += (y_int * y_int) * r_n
+        s_xy += y_int * r_x
+    return s_xx, s_yy, s_xy, s_x, s_y, sxz, syz, sz, s_n
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _fit_pass_finite(xs, ys, zs, residual, limit):  # pragma: no cover - jitted
+    """Fit-pass sums, all accumulated in scan order (finite x, y, z)."""
+    sxx = syy = sxy = sx = sy = sxz = syz = sz = 0.0
+    for k in range(xs.shape[0]):
+        keep = 0.0 if residual[k] > limit else 1.0
+        x = xs[k]
+        y = ys[k]
+        x_keep = x * keep
+        y_keep = y * keep
+        z_keep = zs[k] * keep
+        sxx += x * x_keep
+        syy += y * y_keep
+        sxy += x * y_keep
+        sx += x_keep
+        sy += y_keep
+        sxz += x * z_keep
+        syz += y * z_keep
+        sz += z_keep
+    return sxx, syy, sxy, sx, sy, sxz, syz, sz, _count_within(residual, limit)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _fit_pass_level(xs, ys, zs, residual, limit):  # pragma: no cover - jitted
+    """The fit-pass sums a level-only fit uses (finite x, y, z)."""
+    sx = sy = sz = 0.0
+    for k in range(xs.shape[0]):
+        keep = 0.0 if residual[k] > limit else 1.0
+        sx += xs[k] * keep
+        sy += ys[k] * keep
+        sz += zs[k] * keep
+    return 0.0, 0.0, 0.0, sx, sy, 0.0, 0.0, sz, _count_within(residual, limit)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _fit_pass_any(xs, ys, zs, residual, limit):  # pragma: no cover - jitted
+    """Fit-pass sums for any values, non-finite ones included (skips, as Montage)."""
+    sxx = syy = sxy = sx = sy = sxz = syz = sz = 0.0
+    sn = 0
+    for k in range(xs.shape[0]):
+        if residual[k] > limit:
+            continue
+        x = xs[k]
+        y = ys[k]
+        z = zs[k]
+        sxx += x * x
+        syy += y * y
+        sxy += x * y
+        sx += x
+        sy += y
+        sxz += x * z
+        syz += y * z
+        sz += z
+        sn += 1
+    return sxx, syy, sxy, sx, sy, sxz, syz, sz, sn
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _rms_pass(xs, ys, zs, a, b, c, residual, limit):  # pragma: no cover - jitted
+    """Store every ``|z - plane|``; return the sum of squares and count within limit."""
+    szz = 0.0
+    for k in range(xs.shape[0]):
+        dz = abs(zs[k] - (a * xs[k] + b * ys[k] + c))
+        residual[k] = dz
+        szz += 0.0 if dz > limit else dz * dz
+    return szz, _count_within(residual, limit)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no cover - jitted
     """Montage's iterative clipped plane fit over compacted pixels.
 
@@ -151,44 +372,62 @@ def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no
     found in one pass at the end. With ``stop_early`` the loop ends once the state
     ``(a, b, c, rms)`` repeats (every later iteration would reproduce it).
 
+    The passes are branch-free: a rejected pixel adds an exact zero, which leaves a
+    running sum unchanged (a sum that starts at +0 never becomes -0), so the sums equal
+    Montage's skip-the-pixel sums bit for bit. When every coordinate is a small multiple
+    of a power of two (a dyadic CRPIX: the usual case), the coordinate sums
+    ``x, y, x*x, y*y, x*y`` are exact in any order (``_exact_scale_bits``) and are
+    gathered as integers; only the sums with ``z`` keep Montage's scan order. Inputs
+    with non-finite values take the plain skipping loop.
+
     Returns ``(status, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms)``.
     """
     n = xs.shape[0]
+    finite = _all_finite(xs, ys, zs)
+    scale_bits = -1
+    if finite and not level_only:
+        scale_bits = _exact_scale_bits(xs, ys)
+    if scale_bits >= 0:
+        scale = 2.0 ** scale_bits
+        unit = 1.0 / scale
+        xi = _scaled_integers(xs, scale)
+        starts = _row_starts(ys)
+        rows = starts.shape[0] - 1
+        row_y = np.empty(rows)
+        for r in range(rows):
+            row_y[r] = ys[starts[r]]
+        row_yi = _scaled_integers(row_y, scale)
     m = np.empty((3, 3))
     v = np.zeros(3)
     a = 0.0
     b = 0.0
     c = 0.0
     rms = 0.0
-    residual = np.empty(n)       # |z - plane| for the latest coefficients
-    used_residual = np.empty(n)  # the residuals the latest fit pass clipped on
-    used_limit = 0.0
-    used_clip = False
+    residual = np.zeros(n)       # |z - plane| for the latest coefficients
+    used_residual = np.zeros(n)  # the residuals the latest fit pass clipped on
+    used_limit = np.inf
     xcenter = 0.0
     ycenter = 0.0
     npixel = 0.0
     for iteration in range(n_iterations):
-        sxx = syy = sxy = sx = sy = sxz = syz = sz = sn = 0.0
-        clip = rms > 0.0
         limit = 2.0 * rms
-        for k in range(n):
-            if clip and residual[k] > limit:
-                continue
-            x = xs[k]
-            y = ys[k]
-            z = zs[k]
-            sxx += x * x
-            syy += y * y
-            sxy += x * y
-            sx += x
-            sy += y
-            sxz += x * z
-            syz += y * z
-            sz += z
-            sn += 1.0
+        fit_limit = limit if rms > 0.0 else np.inf  # nothing exceeds inf, not even NaN
+        if not finite:
+            sums = _fit_pass_any(xs, ys, zs, residual, fit_limit)
+        elif level_only:
+            sums = _fit_pass_level(xs, ys, zs, residual, fit_limit)
+        elif scale_bits >= 0:
+            s_xx, s_yy, s_xy, s_x, s_y, sxz, syz, sz, s_n = _fit_pass_exact(
+                xs, zs, xi, starts, row_y, row_yi, residual, fit_limit)
+            # int64 -> double is exact below 2**53; scaling by 2**-q is exact
+            sums = (s_xx * unit * unit, s_yy * unit * unit, s_xy * unit * unit,
+                    s_x * unit, s_y * unit, sxz, syz, sz, s_n)
+        else:
+            sums = _fit_pass_finite(xs, ys, zs, residual, fit_limit)
+        sxx, syy, sxy, sx, sy, sxz, syz, sz, count = sums
+        sn = float(count)
         used_residual, residual = residual, used_residual
-        used_limit = limit
-        used_clip = clip
+        used_limit = fit_limit
         xcenter = sx / sn
         ycenter = sy / sn
         if level_only:
@@ -214,17 +453,9 @@ def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no
             new_a = v[0]
             new_b = v[1]
             new_c = v[2]
-        szz = 0.0
-        count = 0.0
-        clip_rms = iteration > 0
-        for k in range(n):
-            dz = abs(zs[k] - (new_a * xs[k] + new_b * ys[k] + new_c))
-            residual[k] = dz
-            if clip_rms and dz > limit:
-                continue
-            szz += dz * dz
-            count += 1.0
-        new_rms = np.sqrt(szz / count)
+        rms_limit = limit if iteration > 0 else np.inf
+        szz, count = _rms_pass(xs, ys, zs, new_a, new_b, new_c, residual, rms_limit)
+        new_rms = np.sqrt(szz / float(count))
         converged = (
             iteration >= 1
             and _same(new_a, a) and _same(new_b, b) and _same(new_c, c) and _same(new_rms, rms)
@@ -233,7 +464,7 @@ def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no
         b = new_b
         c = new_c
         rms = new_rms
-        npixel = count
+        npixel = float(count)
         if converged and stop_early:
             break
     xmin = 1000000.0
@@ -241,7 +472,7 @@ def _fit_kernel(xs, ys, zs, level_only, n_iterations, stop_early):  # pragma: no
     ymin = 1000000.0
     ymax = -1000000.0
     for k in range(n):
-        if used_clip and used_residual[k] > used_limit:
+        if used_residual[k] > used_limit:
             continue
         if xs[k] < xmin:
             xmin = xs[k]
