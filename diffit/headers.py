@@ -4,20 +4,25 @@ The template is Montage's text header: one FITS card per line. It is validated o
 per run (Montage re-validates it for every pair) and its pixel grid is read the way
 mDiff reads it: the keyword is the first token of the line, the value the next token
 (quotes and ``=`` skipped), converted with C ``atoi``/``atof`` and the last occurrence
-winning.
+winning. Its cards are parsed with :mod:`diffit.fitsheader` when they are all plain
+standard cards (the usual case), else with astropy, which also words any error.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from astropy.io import fits
-
+from diffit.fitsheader import NotSimple, parse_cards
 from diffit.fitsio import quiet_astropy
 from diffit.geometry import GridGeometry
+
+if TYPE_CHECKING:
+    from astropy.io import fits
 
 _REQUIRED = ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "CTYPE1", "CTYPE2",
              "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2")
@@ -64,17 +69,21 @@ class Template:
         The template file, as given.
     geometry : GridGeometry
         NAXIS1/2 and CRPIX1/2 as mDiff reads them.
-    header : astropy.io.fits.Header
-        All cards, for the headers of kept difference images.
+    header : dict or astropy.io.fits.Header
+        Keyword values of all cards.
     digest : str
         SHA-256 of the file's bytes: equal templates compare (and hash) equal, so
         per-image results that depend on the template can be cached by it.
+    cards : tuple of str
+        The card lines, for the headers of kept difference images
+        (:func:`template_fits_header`).
     """
 
     path: str
     geometry: GridGeometry
-    header: fits.Header = field(compare=False)
+    header: Any = field(compare=False)
     digest: str = ""
+    cards: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
 def _looks_like_fits(raw: bytes) -> bool:
@@ -137,7 +146,11 @@ def read_template(path: str | os.PathLike) -> Template:
                 raise TemplateError(
                     f"Template file {name}: no {keyword} keyword (or incomplete CD matrix)"
                 )
-    header = _parse_cards(name, lines)
+    cards = tuple(line for line in lines if line.strip() and line.split()[0] != "END")
+    try:
+        header: Any = parse_cards(cards)
+    except NotSimple:
+        header = _parse_cards(name, cards)
     for axis in ("1", "2"):
         ctype = str(header.get("CTYPE" + axis, ""))
         if len(ctype) < 8:
@@ -167,7 +180,7 @@ def read_template(path: str | os.PathLike) -> Template:
     if not (math.isfinite(geometry.crpix1) and math.isfinite(geometry.crpix2)):
         raise TemplateError(f"Template file {name}: CRPIX1/CRPIX2 must be finite numbers")
     return Template(path=name, geometry=geometry, header=header,
-                    digest=hashlib.sha256(raw).hexdigest())
+                    digest=hashlib.sha256(raw).hexdigest(), cards=cards)
 
 
 def _projection(ctype: str) -> str:
@@ -176,16 +189,28 @@ def _projection(ctype: str) -> str:
     return stripped[1].lstrip("-").strip() if len(stripped) == 2 else ""
 
 
-def _parse_cards(name: str, lines: list[str]) -> fits.Header:
-    cards = [line for line in lines if line.strip() and line.split()[0] != "END"]
+def _parse_cards(name: str, cards: tuple[str, ...]) -> "fits.Header":
+    from astropy.io import fits
+
     header = fits.Header()
     with quiet_astropy():
         for line in cards:
-            _append_card(header, name, line)
+            _append_card(fits, header, name, line)
     return header
 
 
-def _append_card(header: fits.Header, name: str, line: str) -> None:
+@functools.lru_cache(maxsize=4)
+def template_fits_header(template: Template) -> "fits.Header":
+    """The template's cards as an astropy header (for writing kept difference images).
+
+    Do not modify the result (it is cached): copy it.
+    """
+    if not isinstance(template.header, dict):
+        return template.header
+    return _parse_cards(template.path, template.cards)
+
+
+def _append_card(fits, header: "fits.Header", name: str, line: str) -> None:
     """Parse one template line into ``header`` (TemplateError for a malformed card)."""
     try:
         card = fits.Card.fromstring(line.ljust(80))
@@ -232,8 +257,8 @@ def pixel_matrix(header) -> tuple[float, float, float, float] | None:
 
     Parameters
     ----------
-    header : astropy.io.fits.Header or mapping
-        The header.
+    header : mapping
+        The header (a dict or an astropy header).
 
     Returns
     -------
@@ -293,8 +318,8 @@ def grid_mismatch(template, image) -> str | None:
 
     Parameters
     ----------
-    template, image : astropy.io.fits.Header or mapping
-        Headers to compare.
+    template, image : mapping
+        Headers to compare (dicts or astropy headers).
 
     Returns
     -------

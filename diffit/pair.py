@@ -19,13 +19,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from astropy.io import fits
-
 from diffit.difference import Difference, difference, fits_rounded
 from diffit.fitplane import FitError, PlaneFit, fit_plane
 from diffit.fitsio import ImageError, ImageReader, OpenImage, quiet_astropy, read_window
 from diffit.geometry import overlap_window
-from diffit.headers import Template, grid_mismatch
+from diffit.headers import Template, grid_mismatch, template_fits_header
 from diffit.tables import OverlapPair, format_fit_row
 
 log = logging.getLogger(__name__)
@@ -233,8 +231,10 @@ def write_difference(paths: tuple[str, str], template: Template, result: Differe
     PairError
         With stage ``"diff"``, naming the file that could not be written.
     """
+    from astropy.io import fits  # only kept difference images need astropy
+
     for path, data in zip(paths, (result.data, result.area)):
-        header = template.header.copy()
+        header = template_fits_header(template).copy()
         for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
             header.remove(key, ignore_missing=True, remove_all=True)
         header["CRPIX1"] = crpix1
@@ -248,7 +248,7 @@ def write_difference(paths: tuple[str, str], template: Template, result: Differe
             raise PairError("diff", f"cannot write difference image {path}: {reason}") from None
 
 
-def write_fits_atomically(hdu: fits.PrimaryHDU, path: str) -> None:
+def write_fits_atomically(hdu, path: str) -> None:
     """Write a FITS file via a temporary file in the same folder and a rename.
 
     A stale file of the same name (e.g. from an earlier keepAll run) is replaced only

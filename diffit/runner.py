@@ -20,6 +20,7 @@ from itertools import islice
 
 import joblib
 
+from diffit.allocator import keep_freed_memory
 from diffit.fitsio import ImageReader
 from diffit.headers import Template, read_template
 from diffit.pair import PairOptions, PairOutcome, process_pair
@@ -92,6 +93,7 @@ def _worker_reader() -> ImageReader:
     global _READER
     with _READER_LOCK:
         if _READER is None:
+            keep_freed_memory()  # also in worker processes
             _READER = ImageReader(max_open=256)
         return _READER
 
@@ -347,6 +349,7 @@ def run(
     done = journal.load() if resume else {}
     writer = _OrderedWriter(output)
     result = RunResult(outcomes=[] if keep_outcomes else None)
+    keep_freed_memory()  # per-pair arrays are recycled, not faulted in afresh
     bar = _make_bar(progress, total)
     finished = 0
     try:

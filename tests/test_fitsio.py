@@ -148,7 +148,7 @@ def test_reader_keeps_files_open_and_evicts_least_recently_used(tmp_path: Path) 
         assert reader.get(str(paths[0])) is first
         reader.get(str(paths[1]))
         reader.get(str(paths[2]))
-        assert first.hdul._file is None or first.hdul._file.closed
+        assert first.hdul is None or first.hdul._file is None or first.hdul._file.closed
         assert reader.get(str(paths[0])) is not first
 
 
@@ -368,3 +368,22 @@ def test_damaged_files_give_reasons_or_pixels(case, tmp_path_factory: pytest.Tem
         assert "Warning" not in reason and "Memory" not in reason, reason
         return
     assert window.dtype == np.float64 and window.shape == (rows.stop, cols.stop)
+
+
+@pytest.mark.parametrize("fmt", ["f4", "f8", "i2", "i4", "u2", "cube-i2"])
+def test_plain_files_open_without_astropy_exactly_as_with_it(tmp_path: Path, fmt: str,
+                                                              monkeypatch) -> None:
+    """The direct header path gives the same geometry, scaling and pixels as astropy's."""
+    data = _physical(np.random.default_rng(8))
+    path = str(write_hdu(image_hdu(data, wcs_header(2.5, -3), fmt), tmp_path / "a.fits"))
+    direct = open_image(path)
+    assert direct.hdul is None  # not opened through astropy
+    direct_window = read_window(direct, ROWS, COLS)
+    monkeypatch.setattr(diffit.fitsio, "_open_plain", lambda path, stream: None)
+    through_astropy = open_image(path)
+    assert through_astropy.hdul is not None
+    for name in ("geometry", "ndim", "scale", "zero", "blank"):
+        assert getattr(direct, name) == getattr(through_astropy, name), name
+    np.testing.assert_array_equal(direct_window, read_window(through_astropy, ROWS, COLS))
+    assert read_window(through_astropy, ROWS, COLS).dtype == direct_window.dtype
+    through_astropy.close()

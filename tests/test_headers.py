@@ -229,3 +229,20 @@ def test_damaged_templates_give_one_line_errors(content: bytes, tmp_path_factory
     assert template.geometry.naxis1 > 0 and template.geometry.naxis2 > 0
     problem = grid_mismatch(template.header, wcs_header(1, 2))
     assert problem is None or (isinstance(problem, str) and problem)
+
+
+def test_plain_template_is_parsed_without_astropy_and_odd_cards_through_it(tmp_path: Path) -> None:
+    """Both parsers give the same keyword values; kept difference images get the cards."""
+    from diffit.headers import template_fits_header
+
+    plain = read_template(_template(tmp_path))
+    assert isinstance(plain.header, dict)
+    odd = read_template(_template(tmp_path, TEMPLATE.replace("END", "history lower-case\nEND"),
+                                  name="odd.hdr"))
+    assert isinstance(odd.header, fits.Header)
+    for key, value in plain.header.items():
+        assert odd.header[key] == value and type(odd.header[key]) is type(value), key
+    cards = template_fits_header(plain)
+    assert isinstance(cards, fits.Header)
+    assert {key: cards[key] for key in plain.header} == plain.header
+    assert grid_mismatch(plain.header, wcs_header(1, 2)) == grid_mismatch(odd.header, wcs_header(1, 2))
