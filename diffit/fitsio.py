@@ -449,12 +449,22 @@ def _to_physical(image: OpenImage, raw: np.ndarray) -> np.ndarray:
 _BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
 
-def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
-    """A window of an uncompressed image through a memory map held only for this read.
+#: A window is read with one ``read`` of the whole rows it spans when those hold at most
+#: this many times the window's own bytes (or at most :data:`_BAND_BYTES`); otherwise
+#: (a narrow window of very wide rows) only its pages are touched, through a map.
+_BAND_FACTOR = 8
+_BAND_BYTES = 4 << 20
 
-    Slicing a map touches only the pages the window lies on (``.section`` would read
-    row by row), and unmapping it at once keeps those pages out of the process's
-    resident memory, however many images are open and however large they are.
+
+def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
+    """A window of an uncompressed image, read without keeping anything mapped.
+
+    Usually the rows the window spans are read into a fresh buffer with one system
+    call: cheaper than mapping the file, faulting its pages in and unmapping it. A
+    window much narrower than its rows is read through a memory map held only for
+    this read instead, which touches only the pages the window lies on. Either way
+    nothing of the file stays in the process's memory, however many images are open
+    and however large they are.
     """
     if image.layout is None:  # parsed once per open file: header lookups are slow
         header = image.hdu.header
@@ -462,17 +472,39 @@ def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
                         tuple(int(header[f"NAXIS{axis}"]) for axis in range(image.ndim, 0, -1)),
                         image.hdu.fileinfo()["datLoc"])
     dtype, shape, offset = image.layout
-    with open(image.path, "rb") as stream:
+    row0, row1, step = index[-2].indices(shape[-2])
+    rows = len(range(row0, row1, step))
+    columns = len(range(*index[-1].indices(shape[-1])))
+    row_bytes = shape[-1] * dtype.itemsize
+    with open(image.path, "rb", buffering=0) as stream:
+        if os.fstat(stream.fileno()).st_size < offset + dtype.itemsize * math.prod(shape):
+            raise ImageError(f"{image.path}: the file is truncated")
+        if step == 1 and rows * row_bytes <= max(_BAND_FACTOR * rows * columns * dtype.itemsize,
+                                                 _BAND_BYTES):
+            band = np.empty((rows, shape[-1]), dtype=dtype)
+            # The window lies in the first plane, which starts where the data do.
+            _read_exactly(image.path, stream, offset + row0 * row_bytes, band)
+            return _to_physical(image, band[:, index[-1]])
         mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        if len(mapped) < offset + dtype.itemsize * math.prod(shape):
-            raise ImageError(f"{image.path}: the file is truncated")
         raw = np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset)[index]
         window = _to_physical(image, raw)
         del raw
     finally:
         mapped.close()
     return window
+
+
+def _read_exactly(path: str, stream, position: int, out: np.ndarray) -> None:
+    """Fill ``out`` with the file's bytes from ``position`` (ImageError if they end)."""
+    buffer = memoryview(out.reshape(-1).view(np.uint8))
+    stream.seek(position)
+    done = 0
+    while done < len(buffer):
+        got = stream.readinto(buffer[done:])
+        if not got:
+            raise ImageError(f"{path}: the file is truncated")
+        done += got
 
 
 def read_window(image: OpenImage, rows: slice, cols: slice) -> np.ndarray:

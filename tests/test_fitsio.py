@@ -387,3 +387,22 @@ def test_plain_files_open_without_astropy_exactly_as_with_it(tmp_path: Path, fmt
     np.testing.assert_array_equal(direct_window, read_window(through_astropy, ROWS, COLS))
     assert read_window(through_astropy, ROWS, COLS).dtype == direct_window.dtype
     through_astropy.close()
+
+
+@pytest.mark.parametrize("fmt", ["f4", "i2", "cube-i2"])
+def test_row_band_and_memory_map_reads_agree(tmp_path: Path, fmt: str, monkeypatch) -> None:
+    """Windows read as whole-row bands and through a map (narrow windows) are the same."""
+    data = _physical(np.random.default_rng(9))
+    path = str(write_hdu(image_hdu(data, wcs_header(0, 0), fmt), tmp_path / "a.fits"))
+    windows = [(ROWS, COLS), (slice(0, 30), slice(39, 40)), (slice(29, 30), slice(0, 40)),
+               (slice(0, 30, 2), slice(1, 5))]
+    with ImageReader() as reader:
+        banded = [read_window(reader.get(path), *w) for w in windows]
+    monkeypatch.setattr(diffit.fitsio, "_BAND_FACTOR", 0)
+    monkeypatch.setattr(diffit.fitsio, "_BAND_BYTES", 0)
+    with ImageReader() as reader:
+        mapped = [read_window(reader.get(path), *w) for w in windows]
+    for (rows, cols), a, b in zip(windows, banded, mapped):
+        np.testing.assert_array_equal(a, b)
+        expected = _window(Path(path), rows, cols)
+        np.testing.assert_array_equal(a, expected)
