@@ -59,6 +59,25 @@ def warm(projdir: Path) -> None:
                 pass
 
 
+def compile_package() -> None:
+    """Write diffit's bytecode once, as ``pip install`` does (an editable install run with
+    PYTHONDONTWRITEBYTECODE would otherwise recompile it in every timed process)."""
+    import compileall
+
+    import diffit
+
+    compileall.compile_dir(str(Path(diffit.__file__).parent), quiet=1)
+
+
+def first_pair_table(diffs: Path, target: Path) -> Path:
+    """A copy of the overlap table holding only its first pair (to time fixed start-up)."""
+    lines = diffs.read_text().splitlines(keepends=True)
+    header = [line for line in lines if line[:1] in "|\\"]
+    records = [line for line in lines if line.strip() and line[:1] not in "|\\"]
+    target.write_text("".join(header + records[:1]))
+    return target
+
+
 def run_tool(code: str, args: list[str]):
     result = measure([sys.executable, "-c", code, *args])
     if result.returncode != 0:
@@ -79,6 +98,9 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
     run_tool(MONTAGE, [*common, str(root / "mdiffs"), str(montage_out)])
     run_tool(DIFFIT, [*common, str(root / "ddiffs"), str(root / "diffit.tbl"), str(jobs)])
     reference = montage_out.read_text()
+    one = first_pair_table(diffs, root / "first-pair.tbl")
+    one_pair = [str(projdir), str(one), str(template), str(root / "ddiffs"), str(root / "one.tbl")]
+    startup = []
     for _ in range(repeats):
         for key, code, extra in (("montage", MONTAGE, []), (f"diffit_j{jobs}", DIFFIT, [str(jobs)]),
                                  ("diffit_j1", DIFFIT, ["1"])):
@@ -91,6 +113,7 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
                 raise SystemExit(f"{key}: fits.tbl differs from Montage's on {n_tiles} tiles")
             if key == "montage":
                 reference = output.read_text()
+        startup.append(run_tool(DIFFIT, [*one_pair, "1"]).seconds)
     median = {key: statistics.median(values) for key, values in times.items()}
     return {
         "tiles": n_tiles, "tile_shape": list(tile_shape), "pairs": n_pairs,
@@ -101,6 +124,7 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
         "speedup_vs_montage": median["montage"] / median[f"diffit_j{jobs}"],
         "speedup_vs_montage_1_worker": median["montage"] / median["diffit_j1"],
         "scaling_1_to_n_workers": median["diffit_j1"] / median[f"diffit_j{jobs}"],
+        "diffit_one_pair_seconds": statistics.median(startup),
         "identical_output": True,
     }
 
@@ -116,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    compile_package()
     results = []
     for n_tiles in args.sizes:
         print(f"survey of {n_tiles} tiles:", flush=True)
@@ -132,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{p['montage']:>9.0f} {p[j]:>9.0f} | {s['diffit_j1']:>11.2f} "
               f"{r['scaling_1_to_n_workers']:>5.2f}x")
     print("every diffit fits.tbl was identical to Montage's")
+    for r in results:
+        print(f"{r['tiles']} tiles: a one-pair run of diffit (start-up: interpreter, imports,"
+              f" loading the compiled kernels) takes {r['diffit_one_pair_seconds']:.2f} s")
     if args.json:
         meta = {"python": platform.python_version(), "machine": platform.machine(),
                 "cpus": os.cpu_count(), "jobs": args.jobs, "repeats": args.repeats,

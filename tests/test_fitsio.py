@@ -367,7 +367,7 @@ def test_damaged_files_give_reasons_or_pixels(case, tmp_path_factory: pytest.Tem
         assert reason.startswith(str(path)) and "\n" not in reason
         assert "Warning" not in reason and "Memory" not in reason, reason
         return
-    assert window.dtype == np.float64 and window.shape == (rows.stop, cols.stop)
+    assert window.dtype in (np.float32, np.float64) and window.shape == (rows.stop, cols.stop)
 
 
 @pytest.mark.parametrize("fmt", ["f4", "f8", "i2", "i4", "u2", "cube-i2"])
@@ -406,3 +406,15 @@ def test_row_band_and_memory_map_reads_agree(tmp_path: Path, fmt: str, monkeypat
         np.testing.assert_array_equal(a, b)
         expected = _window(Path(path), rows, cols)
         np.testing.assert_array_equal(a, expected)
+
+
+def test_unscaled_float_images_keep_their_precision(tmp_path: Path) -> None:
+    """Single-precision pixels come back as float32 (widening later is exact), -0.0 kept."""
+    data = _physical(np.random.default_rng(10)).astype(np.float32)
+    data[0, 5] = -0.0
+    for fmt, dtype in (("f4", np.float32), ("f8", np.float64)):
+        path = write_hdu(image_hdu(data, wcs_header(0, 0), fmt), tmp_path / f"{fmt}.fits")
+        window = _window(path, slice(0, 30), slice(0, 40))
+        assert window.dtype == dtype and window.flags.c_contiguous
+        np.testing.assert_array_equal(window, data.astype(dtype))
+        assert np.signbit(window[0, 5])
