@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from diffit.boundingbox import bounding_box
+from diffit.boundingbox import bounding_box_from_rows, row_extremes
 
 N_ITERATIONS = 20
 
@@ -518,19 +518,73 @@ def fit_plane(
         ``level_only``), "Singular Matrix-1"/"Singular Matrix-2" when the normal
         equations have an exactly singular pivot.
     """
-    ny, nx = image.shape
-    if not level_only and (nx < 2 or ny < 2):
-        raise FitError("Too few pixels to fit")
+    shape = image.shape
+    _check_shape(shape, level_only)
     image = np.ascontiguousarray(image, dtype=np.float64)
     crpix1 = float(crpix1)
     crpix2 = float(crpix2)
     xs, ys, zs = _valid_pixels(image, crpix1, crpix2)
+    rows, lo, hi = row_extremes(image)
+    return fit_pixels(xs, ys, zs, rows, lo, hi, crpix1, crpix2, level_only,
+                      shape=shape, stop_early=stop_early)
+
+
+def _check_shape(shape: tuple[int, ...], level_only: bool) -> None:
+    ny, nx = shape
+    if not level_only and (nx < 2 or ny < 2):
+        raise FitError("Too few pixels to fit")
+
+
+def fit_pixels(
+    xs: np.ndarray,
+    ys: np.ndarray,
+    zs: np.ndarray,
+    rows: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    crpix1: float,
+    crpix2: float,
+    level_only: bool = False,
+    *,
+    shape: tuple[int, int],
+    stop_early: bool = True,
+) -> PlaneFit:
+    """:func:`fit_plane` from the finite pixels of the image, already gathered.
+
+    Parameters
+    ----------
+    xs, ys, zs : numpy.ndarray
+        float64 coordinates ``x = i - crpix1``, ``y = j - crpix2`` (0-based column ``i``,
+        row ``j``) and values of the image's finite pixels, in scan order.
+    rows, lo, hi : numpy.ndarray
+        The image's row extremes, as :func:`diffit.boundingbox.row_extremes` returns them.
+    crpix1, crpix2 : float
+        Reference pixel of the image.
+    level_only : bool, optional
+        Fit only the level ``c`` (``a = b = 0``).
+    shape : tuple of int
+        ``(ny, nx)`` of the image (Montage's "Too few pixels to fit" rule needs it).
+    stop_early : bool, optional
+        As for :func:`fit_plane`.
+
+    Returns
+    -------
+    PlaneFit
+
+    Raises
+    ------
+    FitError
+        As for :func:`fit_plane`.
+    """
+    _check_shape(shape, level_only)
+    crpix1 = float(crpix1)
+    crpix2 = float(crpix2)
     (status, a, b, c, xmin, xmax, ymin, ymax, xcenter, ycenter, npixel, rms) = _fit_kernel(
         xs, ys, zs, bool(level_only), N_ITERATIONS, bool(stop_early)
     )
     if status:
         raise FitError(_SINGULAR_MESSAGES[status])
-    boxx, boxy, boxwidth, boxheight, boxang = bounding_box(image, crpix1, crpix2)
+    boxx, boxy, boxwidth, boxheight, boxang = bounding_box_from_rows(rows, lo, hi, crpix1, crpix2)
     if boxwidth == 0.0:
         boxx, boxwidth, boxang = xmin, 1.0, 0.0
     if boxheight == 0.0:

@@ -17,16 +17,27 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 
-from diffit.difference import Difference, difference, fits_rounded
-from diffit.fitplane import FitError, PlaneFit, fit_plane
+from diffit.difference import Difference, KeptPixels, Workspace, difference_pixels, fits_rounded
+from diffit.fitplane import FitError, PlaneFit, fit_pixels
 from diffit.fitsio import ImageError, ImageReader, OpenImage, quiet_astropy, read_window
 from diffit.geometry import overlap_window
 from diffit.headers import Template, grid_mismatch, template_fits_header
 from diffit.tables import OverlapPair, format_fit_row
 
 log = logging.getLogger(__name__)
+
+_LOCAL = threading.local()
+
+
+def _workspace() -> Workspace:
+    """This thread's workspace: a pair's arrays are reused by the next pair it does."""
+    workspace = getattr(_LOCAL, "workspace", None)
+    if workspace is None:
+        workspace = _LOCAL.workspace = Workspace()
+    return workspace
 
 
 @dataclass(frozen=True)
@@ -177,10 +188,39 @@ def _open_input(reader: ImageReader, template: Template, path: str) -> OpenImage
     return image
 
 
+@dataclass(frozen=True)
+class PairDifference:
+    """The difference of a pair: its surviving pixels and the trimmed image's CRPIX.
+
+    ``crpix1``/``crpix2`` are as Montage's file round trip leaves them (14 significant
+    digits). The pixels live in the thread's workspace: use them before the thread
+    computes another difference.
+    """
+
+    pixels: KeptPixels
+    crpix1: float
+    crpix2: float
+
+    def images(self) -> Difference:
+        """The trimmed difference and area images (for keepAll)."""
+        return self.pixels.images()
+
+    def fit(self, level_only: bool) -> PlaneFit:
+        """The plane fit of the difference image, as mFitplane makes it.
+
+        Raises
+        ------
+        FitError
+        """
+        xs, ys, zs, rows, lo, hi = self.pixels.coordinates(self.crpix1, self.crpix2)
+        return fit_pixels(xs, ys, zs, rows, lo, hi, self.crpix1, self.crpix2, level_only,
+                          shape=self.pixels.shape)
+
+
 def compute_difference(
     pair: OverlapPair, template: Template, options: PairOptions, reader: ImageReader
-) -> tuple[Difference, float, float]:
-    """Difference image of a pair and its CRPIX as Montage's file round trip leaves it.
+) -> PairDifference:
+    """Difference of a pair and its CRPIX as Montage's file round trip leaves it.
 
     Raises
     ------
@@ -214,12 +254,12 @@ def compute_difference(
             a2 = read_window(areas[1], *slices2)
     except ImageError as error:
         raise PairError("diff", str(error)) from None
-    result = difference(f1, f2, a1, a2)
-    if result is None:
+    pixels = difference_pixels(f1, f2, a1, a2, workspace=_workspace())
+    if pixels is None:
         raise PairError("diff", "All pixels are blank.")
-    crpix1 = fits_rounded(template.geometry.crpix1 - (window.i0 + result.imin))
-    crpix2 = fits_rounded(template.geometry.crpix2 - (window.j0 + result.jmin))
-    return result, crpix1, crpix2
+    crpix1 = fits_rounded(template.geometry.crpix1 - (window.i0 + pixels.imin))
+    crpix2 = fits_rounded(template.geometry.crpix2 - (window.j0 + pixels.jmin))
+    return PairDifference(pixels=pixels, crpix1=crpix1, crpix2=crpix2)
 
 
 def write_difference(paths: tuple[str, str], template: Template, result: Difference,
@@ -302,13 +342,13 @@ def process_pair(
                   plus=pair.plus, minus=pair.minus, diff=pair.diff)
     stage = "diff"
     try:
-        result, crpix1, crpix2 = compute_difference(pair, template, options, reader)
+        result = compute_difference(pair, template, options, reader)
         if options.keep_all:
             write_difference(diff_paths(options.diffdir, pair.diff), template,
-                             result, crpix1, crpix2)
+                             result.images(), result.crpix1, result.crpix2)
         stage = "fit"
         try:
-            fit = fit_plane(result.data, crpix1, crpix2, options.level_only)
+            fit = result.fit(options.level_only)
         except FitError as error:
             raise PairError("fit", str(error)) from None
     except PairError as error:

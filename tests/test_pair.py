@@ -482,7 +482,7 @@ def test_unexpected_errors_fail_only_that_pair(tmp_path: Path, monkeypatch) -> N
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(diffit.pair, "fit_plane", broken)
+    monkeypatch.setattr(diffit.pair, "fit_pixels", broken)
     assert_failed(outcome_for(survey, 0, 1), "fit", "unexpected error", "ZeroDivisionError", "boom")
 
 
