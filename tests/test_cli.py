@@ -151,7 +151,7 @@ def test_sigterm_leaves_a_journal_and_resume_completes(small_survey, tmp_path) -
     assert process.poll() is None, "the run finished before it could be interrupted"
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == 130, (out, err)
     assert err.startswith("diffit: interrupted after ") and err.rstrip().endswith(
         f"of {len(rows)} pairs; rerun with --resume")
     assert not output.exists() and journal.exists()
@@ -161,5 +161,5 @@ def test_sigterm_leaves_a_journal_and_resume_completes(small_survey, tmp_path) -
     fresh = subprocess.run(command(tmp_path / "fresh.tbl"), capture_output=True, text=True,
                            timeout=300)
     assert fresh.returncode == 0, fresh.stderr
-    assert output.read_bytes() == (tmp_path / "fresh.tbl").read_bytes()
+    assert output.read_bytes() == (tmp_path / "fresh.tbl").read_bytes(), (err, resumed.stderr)
     assert not journal.exists()
