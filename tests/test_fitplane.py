@@ -7,7 +7,15 @@ from astropy.io import fits
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from diffit.fitplane import N_ITERATIONS, FitError, _fit_kernel, _valid_pixels, fit_plane
+from diffit.fitplane import (
+    N_ITERATIONS,
+    FitError,
+    _fit_kernel,
+    _same,
+    _solve3,
+    _valid_pixels,
+    fit_plane,
+)
 
 FIELDS = ("a", "b", "c", "crpix1", "crpix2", "xmin", "xmax", "ymin", "ymax", "xcenter",
           "ycenter", "npixel", "rms", "boxx", "boxy", "boxwidth", "boxheight", "boxang")
@@ -112,61 +120,12 @@ def test_fit_never_crashes(image, crpix1, crpix2, level_only) -> None:
 # The optimised kernel against the plain transcription of mFitplane's loop.
 #
 # ``_fit_kernel_reference`` is the straightforward loop (sequential scan-order sums,
-# branches for clipping) that the optimised ``_fit_kernel`` replaced; the tests above and
+# branches for clipping) that the optimised ``_fit_kernel`` replaced (it shares only the
+# 3x3 solver and the state comparison, which the optimisation did not touch); the tests above and
 # tests/test_parity.py check the whole fit against MontagePy. Every returned double must
 # match bit for bit (sign of zero included) on a wide range of random inputs, so that the
 # exact-integer coordinate sums and the branch-free passes can never drift from it.
 # ---------------------------------------------------------------------------------------
-
-
-@numba.njit(nogil=True, error_model="numpy")
-def _solve3_reference(m, v):  # pragma: no cover - jitted
-    n = 3
-    used = np.zeros(n, dtype=np.int64)
-    row = 0
-    col = 0
-    for step in range(n):
-        largest = 0.0
-        for r in range(n):
-            if used[r] == 1:
-                continue
-            for c in range(n):
-                if used[c] == 0:
-                    if abs(m[r, c]) >= largest:
-                        largest = abs(m[r, c])
-                        row = r
-                        col = c
-                elif used[c] > 1:
-                    return 1
-        used[col] += 1
-        if row != col:
-            for c in range(n):
-                tmp = m[row, c]
-                m[row, c] = m[col, c]
-                m[col, c] = tmp
-            tmp = v[row]
-            v[row] = v[col]
-            v[col] = tmp
-        if m[col, col] == 0.0:
-            return 2
-        inverse = 1.0 / m[col, col]
-        m[col, col] = 1.0
-        for c in range(n):
-            m[col, c] *= inverse
-        v[col] *= inverse
-        for r in range(n):
-            if r != col:
-                factor = m[r, col]
-                m[r, col] = 0.0
-                for c in range(n):
-                    m[r, c] -= m[col, c] * factor
-                v[r] -= v[col] * factor
-    return 0
-
-
-@numba.njit(nogil=True, error_model="numpy")
-def _same_reference(x, y):  # pragma: no cover - jitted
-    return x == y and np.signbit(x) == np.signbit(y)
 
 
 @numba.njit(nogil=True, error_model="numpy")
@@ -226,7 +185,7 @@ def _fit_kernel_reference(xs, ys, zs, level_only, n_iterations, stop_early):  # 
             v[0] = sxz
             v[1] = syz
             v[2] = sz
-            status = _solve3_reference(m, v)
+            status = _solve3(m, v)
             if status != 0:
                 return (status, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
             new_a = v[0]
@@ -245,8 +204,8 @@ def _fit_kernel_reference(xs, ys, zs, level_only, n_iterations, stop_early):  # 
         new_rms = np.sqrt(szz / count)
         converged = (
             iteration >= 1
-            and _same_reference(new_a, a) and _same_reference(new_b, b)
-            and _same_reference(new_c, c) and _same_reference(new_rms, rms)
+            and _same(new_a, a) and _same(new_b, b)
+            and _same(new_c, c) and _same(new_rms, rms)
         )
         a = new_a
         b = new_b
