@@ -25,8 +25,12 @@ BLOCK_LENGTH = 2880
 #: Commentary keywords, whose cards carry no value.
 _COMMENTARY = frozenset({"", "COMMENT", "HISTORY"})
 _KEYWORD = re.compile(r"[A-Z0-9_-]{1,8}\Z")
-_INTEGER = re.compile(r"[+-]?\d+\Z")
-_REAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[EeDd][+-]?\d+)?\Z")
+#: A value field: blanks, then a string (quotes doubled inside), T or F, an integer or a
+#: real (``E`` or ``D`` exponent), then blanks and an optional ``/`` comment.
+_VALUE = re.compile(
+    r" *(?:'((?:[^']|'')*)'|([TF])|([+-]?\d+)|([+-]?(?:\d+\.?\d*|\.\d+)(?:[EeDd][+-]?\d+)?))"
+    r" *(?:/.*)?\Z"
+)
 _PRINTABLE = re.compile(r"[ -~]*\Z")
 
 
@@ -42,33 +46,17 @@ def parse_value(field: str) -> str | bool | int | float:
     NotSimple
         The value is undefined, complex or not in a standard form.
     """
-    text = field.lstrip(" ")
-    if text.startswith("'"):
-        parts = []
-        position = 1
-        while True:
-            end = text.find("'", position)
-            if end < 0:
-                raise NotSimple("unterminated string value")
-            parts.append(text[position:end])
-            if text.startswith("''", end):
-                parts.append("'")
-                position = end + 2
-                continue
-            rest = text[end + 1:].lstrip(" ")
-            if rest and not rest.startswith("/"):
-                raise NotSimple("text after a string value")
-            return "".join(parts).rstrip(" ")
-    token = text.split("/", 1)[0].strip(" ")
-    if token == "T":
-        return True
-    if token == "F":
-        return False
-    if _INTEGER.match(token):
-        return int(token)
-    if _REAL.match(token):
-        return float(token.replace("D", "E").replace("d", "e"))
-    raise NotSimple(f"value {token!r} is not a plain string, logical or number")
+    match = _VALUE.match(field)
+    if match is None:
+        raise NotSimple(f"value {field.strip()!r} is not a plain string, logical or number")
+    string, logical, integer, real = match.groups()
+    if string is not None:
+        return string.replace("''", "'").rstrip(" ")
+    if logical is not None:
+        return logical == "T"
+    if integer is not None:
+        return int(integer)
+    return float(real.replace("D", "E").replace("d", "e"))
 
 
 def parse_card(card: str) -> tuple[str, object] | None:
@@ -86,7 +74,11 @@ def parse_card(card: str) -> tuple[str, object] | None:
     """
     if len(card) > CARD_LENGTH or not _PRINTABLE.match(card):
         raise NotSimple("card longer than 80 characters or not printable ASCII")
-    card = card.ljust(CARD_LENGTH)
+    return _parse_printable(card.ljust(CARD_LENGTH))
+
+
+def _parse_printable(card: str) -> tuple[str, object] | None:
+    """:func:`parse_card` of an 80-character card already known to be printable ASCII."""
     keyword = card[:8].rstrip(" ")
     if keyword in _COMMENTARY:
         if card[8:10] == "= ":
@@ -99,6 +91,14 @@ def parse_card(card: str) -> tuple[str, object] | None:
     return keyword, parse_value(card[10:])
 
 
+def _first_values(parsed: Iterable[tuple[str, object] | None]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for item in parsed:
+        if item is not None and item[0] not in values:
+            values[item[0]] = item[1]
+    return values
+
+
 def parse_cards(cards: Iterable[str]) -> dict[str, object]:
     """Keyword values of a sequence of cards (the first occurrence of a keyword wins).
 
@@ -107,12 +107,7 @@ def parse_cards(cards: Iterable[str]) -> dict[str, object]:
     NotSimple
         A card is not a plain standard card.
     """
-    values: dict[str, object] = {}
-    for card in cards:
-        parsed = parse_card(card)
-        if parsed is not None and parsed[0] not in values:
-            values[parsed[0]] = parsed[1]
-    return values
+    return _first_values(parse_card(card) for card in cards)
 
 
 def read_header(stream, max_blocks: int = 100) -> tuple[dict[str, object], int]:
@@ -154,6 +149,9 @@ def read_header(stream, max_blocks: int = 100) -> tuple[dict[str, object], int]:
                     raise NotSimple("odd END card")
                 if not cards or not re.match(r"SIMPLE  =\s+T(?:\s|/|\Z)", cards[0]):
                     raise NotSimple("the first card is not SIMPLE = T")
-                return parse_cards(cards[1:]), (block_number + 1) * BLOCK_LENGTH
+                if not _PRINTABLE.match("".join(cards)):
+                    raise NotSimple("header cards that are not printable ASCII")
+                values = _first_values(_parse_printable(card) for card in cards[1:])
+                return values, (block_number + 1) * BLOCK_LENGTH
             cards.append(card)
     raise NotSimple(f"no END card in the first {max_blocks} header blocks")
