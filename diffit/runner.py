@@ -122,18 +122,6 @@ def _count_records(path: str) -> int:
     return sum(1 for _ in iter_overlap_table(path))
 
 
-def default_batch_size(total: int, jobs: int, backend: str) -> int:
-    """Pairs per task: at least 8 tasks per worker, and small tasks for threads.
-
-    A task on a worker thread costs almost nothing to hand out, so threads get at most
-    16 pairs per task: the last tasks then end close together (on the 400-tile survey a
-    64-pair task is 0.3 s of one core). Worker processes and Dask get up to 64, which
-    amortises sending each task and its results between processes.
-    """
-    largest = 16 if backend == "threads" else 64
-    return max(1, min(largest, total // (jobs * 8) or 1))
-
-
 def default_jobs() -> int:
     """All cores available to this process."""
     try:
@@ -311,7 +299,7 @@ def run(
     jobs : int, optional
         Workers (default: all cores; 1 runs in this process).
     batch_size : int, optional
-        Pairs per task (default: :func:`default_batch_size`).
+        Pairs per task (default: chosen from the table size and ``jobs``).
     progress : bool or callable
         ``True`` for a tqdm bar on stderr, or a callable given the number of pairs just
         finished (for a caller's own progress display).
@@ -352,7 +340,7 @@ def run(
     jobs = default_jobs() if not jobs or jobs < 0 else jobs
     backend = backend or "threads"
     if batch_size is None:
-        batch_size = default_batch_size(total, jobs, backend)
+        batch_size = max(1, min(64, total // (jobs * 8) or 1))
 
     signature = {"diffs": os.path.abspath(diffs), "template": os.path.abspath(template_path),
                  "projdir": os.path.abspath(projdir), "level_only": level_only,

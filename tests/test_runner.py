@@ -105,13 +105,3 @@ def test_a_dying_worker_fails_only_its_pair(small_survey, tmp_path) -> None:
             assert got.stage == "diff" and "worker process died" in got.reason
         else:
             assert (got.stage, got.row) == (want.stage, want.row)
-
-
-def test_default_batch_size_keeps_tasks_small_and_numerous() -> None:
-    from diffit.runner import default_batch_size
-
-    assert default_batch_size(1117, 2, "threads") == 16
-    assert default_batch_size(1117, 2, "processes") == 64
-    assert default_batch_size(100, 2, "processes") == 6  # >= 8 tasks per worker
-    assert default_batch_size(3, 4, "threads") == 1
-    assert default_batch_size(0, 1, "threads") == 1
