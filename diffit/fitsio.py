@@ -292,24 +292,26 @@ def _open_plain(path: str, stream) -> OpenImage | None:
     if (not isinstance(bitpix, int) or isinstance(bitpix, bool) or bitpix not in _BITPIX_DTYPES
             or not _positive_int(naxis) or naxis < 2):  # type: ignore[operator]
         return None
-    dtype = _BITPIX_DTYPES[bitpix]
     axes = [header.get(f"NAXIS{axis}") for axis in range(1, naxis + 1)]  # type: ignore[operator]
     if not all(_positive_int(length) for length in axes):
         return None
     if header.get("GCOUNT", 1) != 1 or header.get("PCOUNT", 0) != 0 or header.get("GROUPS", False):
         return None
-    dtype = np.dtype(dtype)
+    dtype = np.dtype(_BITPIX_DTYPES[bitpix])
     if os.fstat(stream.fileno()).st_size < offset + dtype.itemsize * math.prod(axes):  # type: ignore[arg-type]
         return None  # truncated: astropy's path words it
-    geometry = GridGeometry(
-        naxis1=axes[0], naxis2=axes[1],  # type: ignore[arg-type]
-        crpix1=_keyword(header, "CRPIX1", path, float),
-        crpix2=_keyword(header, "CRPIX2", path, float),
-    )
+    geometry = _geometry(header, path, axes[0], axes[1])  # type: ignore[arg-type]
     scale, zero = _scaling(header, path)
     return OpenImage(path=path, geometry=geometry, header=header, hdul=None, hdu=None,
                      ndim=naxis, scale=scale, zero=zero, blank=_blank(header),  # type: ignore[arg-type]
                      layout=(dtype, tuple(reversed(axes)), offset))
+
+
+def _geometry(header, path: str, naxis1: int, naxis2: int) -> GridGeometry:
+    """The image's size and its CRPIX1/2 (ImageError naming a missing or bad CRPIX)."""
+    return GridGeometry(naxis1=naxis1, naxis2=naxis2,
+                        crpix1=_keyword(header, "CRPIX1", path, float),
+                        crpix2=_keyword(header, "CRPIX2", path, float))
 
 
 #: Magic numbers of the stream compressions read whole (``.fits.gz``, ``.fits.bz2``).
@@ -361,11 +363,7 @@ def _inspect(path: str, hdul: "fits.HDUList", stream) -> OpenImage:
             raise ImageError(f"{path}: {key} must be a positive whole number")
     if naxis1 <= 0 or naxis2 <= 0:
         raise ImageError(f"{path}: the image has no pixels (NAXIS1={naxis1}, NAXIS2={naxis2})")
-    geometry = GridGeometry(
-        naxis1=naxis1, naxis2=naxis2,
-        crpix1=_keyword(header, "CRPIX1", path, float),
-        crpix2=_keyword(header, "CRPIX2", path, float),
-    )
+    geometry = _geometry(header, path, naxis1, naxis2)
     scale, zero = _scaling(header, path)
     size = _stream_size(stream)
     tiled = isinstance(hdu, fits.CompImageHDU)
