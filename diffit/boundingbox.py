@@ -37,9 +37,10 @@ mFitplane's final fix-ups (a zero width or height replaced by 1, with the positi
 from the fit's ``xmin``/``ymin`` and the angle set to 0) are **not** applied here, since
 they need the fit results. The caller applies them.
 
-Floating-point operations follow Montage's order of evaluation. The numba kernels are
-compiled without fast-math, so no FMA contraction happens. ``atan2``/``atan`` are
-evaluated with Python's :mod:`math`, i.e. with the same C library that MontagePy calls.
+Floating-point operations follow Montage's order of evaluation. The kernels (the Cython
+module :mod:`diffit._boundingbox`, which explains them in detail) are compiled without
+fast-math, so no FMA contraction happens, and they take ``sqrt``, ``atan2`` and ``atan``
+from the same C library that MontagePy calls. They release the GIL.
 
 Deliberate deviations, none reachable with sane inputs:
 
@@ -61,310 +62,11 @@ images.
 """
 from __future__ import annotations
 
-import math
-
-import numba
 import numpy as np
 
+from diffit import _boundingbox
+
 __all__ = ["boundary_points", "bounding_box", "bounding_box_from_rows", "row_extremes"]
-
-_DEG_PER_RAD_NUM = 45.0  # Montage converts radians as  angle * 45. / atan(1)
-
-
-_EXP_MASK = np.uint64(0x7FF0000000000000)  # a double is non-finite iff all these bits are set
-_ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
-_BLOCK = 32
-
-
-@numba.njit(cache=True, nogil=True)
-def _row_extremes(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows with >= 2 finite pixels and their first and last finite column.
-
-    ``image`` must be C-contiguous float64. Each row is scanned inwards from both ends, so
-    pixels between the extremes are never read. Blank runs are skipped a block at a time:
-    the bitwise AND of a block of doubles has all exponent bits set only if every one of
-    them is NaN or +-inf.
-    """
-    ny, nx = image.shape
-    bits = image.reshape(-1).view(np.uint64)
-    rows = np.empty(ny, np.int64)
-    lo = np.empty(ny, np.int64)
-    hi = np.empty(ny, np.int64)
-    k = 0
-    for j in range(ny):
-        base = j * nx
-        i0 = 0
-        while i0 + _BLOCK <= nx:
-            acc = _ALL_ONES
-            for t in range(_BLOCK):
-                acc &= bits[base + i0 + t]
-            if (acc & _EXP_MASK) != _EXP_MASK:
-                break
-            i0 += _BLOCK
-        while i0 < nx and (bits[base + i0] & _EXP_MASK) == _EXP_MASK:
-            i0 += 1
-        if i0 >= nx - 1:  # no finite pixel, or only the last one
-            continue
-        i1 = nx  # exclusive
-        while i1 - _BLOCK > i0:
-            acc = _ALL_ONES
-            for t in range(i1 - _BLOCK, i1):
-                acc &= bits[base + t]
-            if (acc & _EXP_MASK) != _EXP_MASK:
-                break
-            i1 -= _BLOCK
-        i1 -= 1
-        while (bits[base + i1] & _EXP_MASK) == _EXP_MASK:  # stops at i0 at the latest
-            i1 -= 1
-        if i1 > i0:
-            rows[k] = j
-            lo[k] = i0
-            hi[k] = i1
-            k += 1
-    return rows[:k], lo[:k], hi[:k]
-
-
-@numba.njit(cache=True, nogil=True)
-def _argsort_keys(key: np.ndarray) -> np.ndarray:
-    """Ascending argsort of ``key`` (order among equal keys unspecified).
-
-    The points are fed in boundary order, which for convex regions is already (nearly)
-    sorted by angle: then a natural merge sort over the few ascending runs is linear.
-    Otherwise numpy's quicksort is used.
-    """
-    n = key.shape[0]
-    nruns = 1
-    for t in range(1, n):
-        if key[t] < key[t - 1]:
-            nruns += 1
-    if nruns > 8:
-        return np.argsort(key)
-    starts = np.empty(nruns + 1, np.int64)
-    r = 0
-    starts[0] = 0
-    for t in range(1, n):
-        if key[t] < key[t - 1]:
-            r += 1
-            starts[r] = t
-    starts[nruns] = n
-    a = np.arange(n)
-    b = np.empty(n, np.int64)
-    while nruns > 1:
-        w = 0
-        r = 0
-        while r < nruns:
-            s0 = starts[r]
-            if r + 1 == nruns:  # odd run out: copy through
-                for t in range(s0, n):
-                    b[t] = a[t]
-                starts[w] = s0
-                w += 1
-                break
-            s1 = starts[r + 1]
-            s2 = starts[r + 2]
-            i = s0
-            j = s1
-            t = s0
-            while i < s1 and j < s2:
-                if key[a[j]] < key[a[i]]:
-                    b[t] = a[j]
-                    j += 1
-                else:
-                    b[t] = a[i]
-                    i += 1
-                t += 1
-            while i < s1:
-                b[t] = a[i]
-                i += 1
-                t += 1
-            while j < s2:
-                b[t] = a[j]
-                j += 1
-                t += 1
-            starts[w] = s0
-            w += 1
-            r += 2
-        starts[w] = n
-        nruns = w
-        a, b = b, a
-    return a
-
-
-@numba.njit(cache=True, nogil=True)
-def _hull(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-          crpix1: float, crpix2: float) -> tuple[np.ndarray, np.ndarray]:
-    """Convex hull vertices in Montage's stack order (last pushed first, P0 last).
-
-    Needs at least two entries in ``rows`` (i.e. four points).
-    """
-    nrow = rows.shape[0]
-    # Integer lattice coordinates of all points except the pivot P0 = (hi[0], rows[0]).
-    # They are listed in boundary order (right ends upwards, then left ends downwards),
-    # which makes the angular sort cheap for convex regions; the order of the input does
-    # not matter otherwise, as the angular order of the points is strict.
-    m = 2 * nrow - 1
-    pi = np.empty(m, np.int64)
-    pj = np.empty(m, np.int64)
-    t = 0
-    for k in range(1, nrow):
-        pi[t] = hi[k]
-        pj[t] = rows[k]
-        t += 1
-    for k in range(nrow - 1, -1, -1):
-        pi[t] = lo[k]
-        pj[t] = rows[k]
-        t += 1
-    i0 = hi[0]
-    j0 = rows[0]
-
-    # Angle key about P0: -dx/dy grows with the angle for dy > 0. Equal rationals give
-    # equal doubles and distinct ones (small denominators) distinct doubles, so ties are
-    # exactly the points on one ray. The single point with dy == 0 lies at 180 degrees.
-    key = np.empty(m, np.float64)
-    for t in range(m):
-        dy = pj[t] - j0
-        if dy == 0:
-            key[t] = np.inf
-        else:
-            key[t] = -(pi[t] - i0) / dy
-    order = _argsort_keys(key)
-
-    # Keep only the farthest point of each ray (largest dy; dy == 0 occurs once).
-    keep = np.empty(m, np.int64)
-    nk = 0
-    t = 0
-    while t < m:
-        best = order[t]
-        u = t + 1
-        while u < m and key[order[u]] == key[order[t]]:
-            if pj[order[u]] > pj[best]:
-                best = order[u]
-            u += 1
-        keep[nk] = best
-        nk += 1
-        t = u
-
-    # Point coordinates as Montage holds them: (column - crpix1, row - crpix2).
-    n = nk + 1
-    x = np.empty(n, np.float64)
-    y = np.empty(n, np.float64)
-    x[0] = float(i0) - crpix1
-    y[0] = float(j0) - crpix2
-    for t in range(nk):
-        x[t + 1] = float(pi[keep[t]]) - crpix1
-        y[t + 1] = float(pj[keep[t]]) - crpix2
-
-    # Graham scan with Montage's strict left-turn test, evaluated in doubles.
-    stack = np.empty(n, np.int64)
-    stack[0] = 0
-    stack[1] = 1
-    top = 2
-    i = 2
-    while i < n:
-        a = stack[top - 2]
-        b = stack[top - 1]
-        cross = (x[b] - x[a]) * (y[i] - y[a]) - (x[i] - x[a]) * (y[b] - y[a])
-        if cross > 0.0 or top < 3:
-            stack[top] = i
-            top += 1
-            i += 1
-        else:
-            top -= 1
-
-    hx = np.empty(top, np.float64)
-    hy = np.empty(top, np.float64)
-    for t in range(top):
-        v = stack[top - 1 - t]
-        hx[t] = x[v]
-        hy[t] = y[v]
-    return hx, hy
-
-
-@numba.njit(cache=True, nogil=True)
-def _min_area_box(hx: np.ndarray, hy: np.ndarray) -> tuple[bool, float, float, float, float,
-                                                           float, float]:
-    """Montage's minimum-area rectangle over the hull (vertices in stack order).
-
-    Returns ``(found, A, B, xcen, ycen, width, height)`` for the winning edge.
-    """
-    k = hx.shape[0]
-    areamin = -1.0
-    found = False
-    Amin = 0.0
-    Bmin = 0.0
-    C1min = 0.0
-    C2min = 0.0
-    C3min = 0.0
-    C4min = 0.0
-    width = 0.0
-    height = 0.0
-    dist = np.empty(k, np.float64)
-    along = np.empty(k, np.float64)
-    for e in range(k):
-        f = e + 1
-        if f == k:
-            f = 0
-        cx = hx[e]
-        cy = hy[e]
-        nxx = hx[f]
-        nyy = hy[f]
-        A = cy - nyy
-        B = nxx - cx
-        C1 = cx * nyy - nxx * cy
-        norm = math.sqrt(A * A + B * B)
-        A = A / norm
-        B = B / norm
-        C1 = C1 / norm
-
-        # Distances across the edge and positions along it, for all vertices (a loop
-        # that vectorises); then the first vertex at the largest distance (strict >) and
-        # the extreme positions, with the comparisons Montage makes.
-        for v in range(k):
-            dist[v] = abs(A * hx[v] + B * hy[v] + C1)
-            along[v] = B * hx[v] - A * hy[v]
-        vmax = 0
-        dmax = dist[0]
-        for v in range(1, k):
-            if dist[v] > dmax:
-                dmax = dist[v]
-                vmax = v
-        C2 = -A * hx[vmax] - B * hy[vmax]
-
-        C3 = along[0]
-        C4 = C3
-        for v in range(1, k):
-            c = along[v]
-            if c < C3:
-                C3 = c
-            if c > C4:
-                C4 = c
-
-        h = abs(C1 - C2)
-        w = abs(C3 - C4)
-        area = w * h
-        if area > 0.0 and (area < areamin or areamin < 0.0):
-            found = True
-            areamin = area
-            Amin = A
-            Bmin = B
-            C1min = C1
-            C2min = C2
-            C3min = C3
-            C4min = C4
-            width = w
-            height = h
-
-    x0 = -Amin * C1min + Bmin * C3min
-    y0 = -Bmin * C1min - Amin * C3min
-    x1 = -Amin * C2min + Bmin * C3min
-    y1 = -Bmin * C2min - Amin * C3min
-    x2 = -Amin * C2min + Bmin * C4min
-    y2 = -Bmin * C2min - Amin * C4min
-    x3 = -Amin * C1min + Bmin * C4min
-    y3 = -Bmin * C1min - Amin * C4min
-    xcen = (x0 + x1 + x2 + x3) / 4.0
-    ycen = (y0 + y1 + y2 + y3) / 4.0
-    return found, Amin, Bmin, xcen, ycen, width, height
 
 
 def _as_image(image: np.ndarray) -> np.ndarray:
@@ -389,7 +91,7 @@ def row_extremes(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         int64 arrays of equal length: the row indices in increasing order, and for each
         row the smallest and largest column index of a finite pixel (``lo < hi``).
     """
-    return _row_extremes(_as_image(image))
+    return _boundingbox.row_extremes(_as_image(image))
 
 
 def boundary_points(image: np.ndarray, crpix1: float,
@@ -491,9 +193,4 @@ def bounding_box_from_rows(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray,
             maxx = xb + 0.5
         return boxx, boxy, maxx - minx, (yv + 0.5) - (yv - 0.5), 0.0
 
-    hx, hy = _hull(rows, lo, hi, c1, c2)
-    found, A, B, xcen, ycen, width, height = _min_area_box(hx, hy)
-    if not found:  # unreachable for >= 2 usable rows; Montage would leak stale statics
-        return 0.0, 0.0, 0.0, 0.0, 0.0
-    theta = math.atan2(A, B) * _DEG_PER_RAD_NUM / math.atan(1.0)
-    return float(xcen), float(ycen), float(width), float(height), -1.0 * theta
+    return _boundingbox.hull_box(rows, lo, hi, c1, c2)

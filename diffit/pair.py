@@ -19,6 +19,7 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 from diffit.difference import Difference, KeptPixels, Workspace, difference_pixels, fits_rounded
 from diffit.fitplane import FitError, PlaneFit, fit_pixels
@@ -77,9 +78,10 @@ class PairOutcome:
     reason: str | None = None
     fit: PlaneFit | None = None
 
-    @property
+    @cached_property
     def row(self) -> str | None:
-        """The fits.tbl row of a successful pair."""
+        """The fits.tbl row of a successful pair (formatted once: the journal and
+        fits.tbl both use it)."""
         return None if self.fit is None else format_fit_row(self.cntr1, self.cntr2, self.fit)
 
 

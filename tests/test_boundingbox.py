@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import zlib
 from fractions import Fraction
 from pathlib import Path
@@ -233,8 +236,36 @@ def test_input_conversions_and_from_rows() -> None:
     stretched = bounding_box(big[::2, ::2], 3.3, -7.9)  # non-contiguous view
     assert same_box(stretched, ref)
     assert same_box(bounding_box_from_rows(*row_extremes(img), 3.3, -7.9), ref)
+    rows, lo, hi = row_extremes(img)
+    converted = rows.astype(np.int32), lo.tolist(), np.repeat(hi, 2)[::2]  # non-contiguous
+    assert same_box(bounding_box_from_rows(*converted, 3.3, -7.9), ref)
     with pytest.raises(ValueError):
         bounding_box(np.ones(5), 0.0, 0.0)
+    with pytest.raises(ValueError):
+        bounding_box_from_rows(rows, lo[:-1], hi, 3.3, -7.9)
+
+
+def test_import_loads_no_jit_compiler() -> None:
+    """The kernels are compiled ahead of time: importing the module and bounding a shape
+    loads no numba. The package's ``__init__`` (which imports every module) is bypassed,
+    so that only diffit.boundingbox's own imports count."""
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import sys, types\n"
+        "import numpy as np\n"
+        "package = types.ModuleType('diffit')\n"
+        f"package.__path__ = [{str(root / 'diffit')!r}]\n"
+        "sys.modules['diffit'] = package\n"
+        "import diffit.boundingbox as bb\n"
+        f"assert bb.__file__.startswith({str(root)!r}), bb.__file__\n"
+        "img = np.ones((3, 4))\n"
+        "assert bb.bounding_box(img, 0.5, 0.5) == (1.0, 0.5, 2.0, 3.0, 90.0)\n"
+        "assert 'numba' not in sys.modules, 'numba was imported'\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=root, env=env)
+    assert result.returncode == 0, result.stderr
 
 
 def test_box_encloses_points_for_random_shapes() -> None:
@@ -387,6 +418,13 @@ def _special_cases() -> list[tuple[str, np.ndarray, float, float]]:
         ii, jj = np.meshgrid(np.arange(50), np.arange(45))
         band = np.where(np.abs(q * ii - p * jj - 7) <= w, 1.0, np.nan)
         cases.append((f"band {p}/{q} w{w}", band, 12345.678901, -9876.54321))
+    # Two hull vertices at the same largest distance from the winning edge, whose C2 values
+    # differ in the last bit: Montage takes the first one
+    octagon = [(5, 7), (2, 8), (2, 8), (1, 8), (0, 8), (0, 8), (1, 7), (2, 6), (4, 5)]
+    cases.append(("tied farthest vertices", rows_image(octagon, nx=9), 17.0, 5.0))
+    slanted = [(1, 3), (1, 5), (0, 7), (0, 9), (0, 11), (0, 13), (2, 15), (4, 17), (6, 19),
+               (8, 19), (10, 19), (12, 19), (14, 19)]
+    cases.append(("tied farthest vertices 2", rows_image(slanted, nx=20), 15.0, 10.0))
     stair = np.where(np.add.outer(2 * np.arange(40), -3 * np.arange(60)) >= -5, 1.0, np.nan)
     cases.append(("staircase triangle", stair, 0.1, -0.3))
     rng = np.random.default_rng(99)

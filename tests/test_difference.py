@@ -1,21 +1,22 @@
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numba
+import numba  # test-only: compiles the reference (plain) kernel below
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
+from diffit import _difference
 from diffit.boundingbox import row_extremes
 from diffit.difference import (
     COVERAGE_TOLERANCE,
     Workspace,
-    _compiled_kernel,
     difference,
     difference_pixels,
     fits_rounded,
@@ -67,6 +68,50 @@ def test_nan_area_disables_coverage_rule_as_in_montage() -> None:
     result = difference(f, 2 * f, a1, np.ones((4, 4)))
     assert result.imin == 0 and np.isnan(result.data[0, 3 - result.imin])
     assert np.all(np.isfinite(result.data[:, 0]))
+
+
+def test_coverage_rule_keeps_a_pixel_exactly_at_the_tolerance() -> None:
+    """Montage drops a pixel when ``|A - reference|/reference > 0.333``: a pixel whose
+    quotient is exactly the double 0.333 stays; one an ulp of area further goes.
+    (MontagePy 2.3.0's mDiff does the same with these areas.)"""
+    at = 0.20072007200720055  # area1 of pixel 0 that puts it exactly at the tolerance
+    ones = np.ones((1, 4))
+    f1 = np.array([[3.0, 2.0, 2.0, 2.0]])
+    for area, kept in ((at, True), (float(np.nextafter(at, 0.0)), False)):
+        reference = (((area + 1.0) + 1.0) + 1.0) / 4.0 + 4.0 / 4.0  # scan-order sums
+        quotient = abs((area + 1.0) - reference) / reference
+        assert (quotient == COVERAGE_TOLERANCE) == kept and quotient >= COVERAGE_TOLERANCE
+        a1 = np.array([[area, 1.0, 1.0, 1.0]])
+        for dtype in (np.float64, np.float32):  # float32 fluxes, float64 areas alike
+            result = difference(f1.astype(dtype), ones.astype(dtype), a1, ones)
+            assert (result.imin == 0) == kept, (area, dtype)
+        assert_fused_matches_plain(f1, ones, a1, ones)
+
+
+def test_reference_area_is_summed_in_scan_order() -> None:
+    """The mean areas are summed row by row, as Montage sums them: with those sums
+    pixel (0, 0) sits exactly at the tolerance and stays; summed column by column, the
+    reference would round differently and drop it. (MontagePy 2.3.0's mDiff keeps it.)"""
+    a1 = np.array([[0.5160316978491646, 1.1022391763796258, 1.462423093124381],
+                   [0.5722652655298768, 0.9999728236586185, 1.2440974792826482]])
+    a2 = np.array([[0.6772267404746588, 0.8880667317845192, 0.5628954984549713],
+                   [1.2258808637757768, 0.5877678867594868, 0.8950917083579676]])
+
+    def quotient(order: str) -> float:
+        sum1 = sum2 = 0.0
+        for w1, w2 in zip(a1.ravel(order=order).tolist(), a2.ravel(order=order).tolist()):
+            sum1 += w1
+            sum2 += w2
+        reference = sum1 / 6.0 + sum2 / 6.0
+        return abs((a1[0, 0] + a2[0, 0]) - reference) / reference
+
+    assert quotient("C") == COVERAGE_TOLERANCE < quotient("F")
+    f1 = np.full((2, 3), 2.0)
+    f2 = np.ones((2, 3))
+    for dtype in (np.float64, np.float32):
+        result = difference(f1.astype(dtype), f2.astype(dtype), a1, a2)
+        assert np.all(np.isfinite(result.data)), dtype
+    assert_fused_matches_plain(f1, f2, a1, a2)
 
 
 def test_nan_and_inf_pixels_blank() -> None:
@@ -408,32 +453,136 @@ def test_fused_path_matches_plain_path_property(data) -> None:
         assert_fused_matches_plain(*windows, crpix=crpix, level_only=data.draw(st.booleans()))
 
 
-def test_kernel_versions_per_dtype_are_few_and_cached() -> None:
-    """One compiled version per dtype and layout class, each loaded from numba's cache
-    by a new process (float32 and float64 alike)."""
-    rng = np.random.default_rng(5)
-    base = [rng.normal(0, 1, (6, 9)) + 3 for _ in range(4)]
-    for dtype in (np.float32, np.float64):
-        windows = [w.astype(dtype) for w in base]
-        contiguous = difference_pixels(*windows)
-        strided = difference_pixels(*[w[:, ::2] for w in windows])
-        fortran = difference_pixels(*[np.asfortranarray(w) for w in windows])
-        assert same_bits(strided.images().data, plain_difference(
-            *[w[:, ::2] for w in windows])[0])
-        assert same_bits(contiguous.values, fortran.values)
-        for contiguous_layout in (True, False):
-            kernel = _compiled_kernel(np.dtype(dtype), np.dtype(dtype), contiguous_layout)
-            assert len(kernel.signatures) == 1
-    script = (
-        "import numpy as np\n"
-        "from diffit.difference import _compiled_kernel, difference_pixels\n"
-        "w = [np.full((3, 4), 2.0, dtype) for dtype in (np.float32,) * 4]\n"
-        "difference_pixels(*w)\n"
-        "difference_pixels(*[np.asarray(v, np.float64)[:, ::2] for v in w])\n"
-        "for flux, layout in (('f4', True), ('f8', False)):\n"
-        "    stats = _compiled_kernel(np.dtype(flux), np.dtype(flux), layout).stats\n"
-        "    assert stats.cache_hits and not stats.cache_misses, stats\n"
-    )
+def kept_fields(kept) -> tuple:
+    """Everything a :class:`KeptPixels` holds and gives, as comparable bytes."""
+    images = kept.images()
+    arrays = (kept.cols, kept.values, kept.areas, kept.row_starts,
+              *kept.coordinates(100.5, -3.25), images.data, images.area)
+    box = (kept.imin, kept.imax, kept.jmin, kept.jmax, kept.n_finite)
+    return box + tuple((a.dtype.str, a.shape, a.tobytes()) for a in arrays)
+
+
+def layouts(array: np.ndarray, tmp_path: Path) -> dict[str, np.ndarray]:
+    """``array`` (contiguous) as windows of every layout the kernel must read in place."""
+    ny, nx = array.shape
+    wide = np.full((ny + 4, nx + 7), np.nan, dtype=array.dtype)
+    wide[2:2 + ny, 3:3 + nx] = array
+    every_other = np.repeat(array, 2, axis=1)
+    reversed_rows = np.ascontiguousarray(array[::-1])
+    readonly = array.copy()
+    readonly.flags.writeable = False
+    path = tmp_path / f"window-{len(list(tmp_path.iterdir()))}.npy"
+    np.save(path, wide)
+    return {
+        "contiguous": array,
+        "column slice": wide[2:2 + ny, 3:3 + nx],
+        "every other column": every_other[:, ::2],
+        "fortran": np.asfortranarray(array),
+        "negative row stride": reversed_rows[::-1],
+        "read-only": readonly,
+        "read-only memmap slice": np.load(path, mmap_mode="r")[2:2 + ny, 3:3 + nx],
+    }
+
+
+@pytest.mark.parametrize("flux_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("area_dtype", [np.float32, np.float64])
+def test_every_dtype_and_layout_gives_what_the_float64_contiguous_copy_gives(
+        flux_dtype, area_dtype, tmp_path) -> None:
+    """float32/float64 fluxes and areas (in any combination) of any layout, read in
+    place, give bit for bit what their float64, C-contiguous copies give."""
+    rng = np.random.default_rng(21)
+    f1, f2, a1, a2 = random_windows(rng)
+    while difference(f1, f2, a1, a2) is None or min(f1.shape) < 5:
+        f1, f2, a1, a2 = random_windows(rng)
+    with np.errstate(all="ignore"):
+        fluxes = [v.astype(flux_dtype) for v in (f1, f2)]
+        areas = [v.astype(area_dtype) for v in (a1, a2)]
+    widened = [np.ascontiguousarray(v, dtype=np.float64) for v in (*fluxes, *areas)]
+    expected = kept_fields(difference_pixels(*widened))
+    expected_no_areas = kept_fields(difference_pixels(*widened[:2]))
+    flux_views = [layouts(v, tmp_path) for v in fluxes]
+    area_views = [layouts(v, tmp_path) for v in areas]
+    for name in flux_views[0]:
+        f1v, f2v = (views[name] for views in flux_views)
+        a1v, a2v = (views[name] for views in area_views)
+        assert np.array_equal(f1v, fluxes[0], equal_nan=True), name
+        assert kept_fields(difference_pixels(f1v, f2v, a1v, a2v)) == expected, name
+        assert kept_fields(difference_pixels(f1v, f2v)) == expected_no_areas, name
+        mixed = (flux_views[0]["contiguous"], f2v, a1v, area_views[1]["column slice"])
+        assert kept_fields(difference_pixels(*mixed)) == expected, name
+    assert_fused_matches_plain(*(views["column slice"] for views in (*flux_views, *area_views)))
+
+
+def test_strided_float32_windows_are_read_without_a_copy() -> None:
+    """Column slices of float32 images are read in place: the call allocates a few
+    rows of scratch, not a copy of the windows (which a byte-swapped window needs)."""
+    rng = np.random.default_rng(8)
+    big = [rng.uniform(1.0, 2.0, (300, 1000)).astype(np.float32) for _ in range(4)]
+    views = [v[:, 100:900] for v in big]
+    assert not views[0].flags.c_contiguous
+    workspace = Workspace(max_pixels=1 << 21)
+    difference_pixels(*views, workspace=workspace)  # the workspace's arrays, once
+
+    def peak_allocation(windows) -> int:
+        tracemalloc.start()
+        try:
+            assert difference_pixels(*windows, workspace=workspace) is not None
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    window_bytes = views[0].nbytes
+    assert peak_allocation(views) < window_bytes // 10
+    swapped = [v.astype(">f4") for v in views]  # must be converted: the check sees copies
+    assert peak_allocation(swapped) > 4 * window_bytes
+
+
+def test_worker_threads_difference_pairs_concurrently_with_the_same_results() -> None:
+    rng = np.random.default_rng(9)
+    pairs = []
+    for _ in range(24):
+        dtype = np.float32 if rng.random() < 0.5 else np.float64
+        with np.errstate(all="ignore"):
+            pairs.append([_layout(rng, v, dtype) for v in random_windows(rng)])
+
+    def fields(windows):
+        kept = difference_pixels(*windows, workspace=Workspace())
+        return None if kept is None else kept_fields(kept)
+
+    serial = [fields(w) for w in pairs]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(fields, pairs * 3)) == serial * 3
+
+
+def test_kernel_rejects_mismatched_windows_and_short_outputs() -> None:
+    window = np.ones((4, 5))
+    outputs = (np.empty(20, np.int32), np.empty(20), np.empty(20))
+    assert _difference.difference_kernel(window, window, window, window, True,
+                                         COVERAGE_TOLERANCE, *outputs)[5] == 20
+    with pytest.raises(ValueError, match="differ in shape"):
+        _difference.difference_kernel(window, window[:, :4], window, window, True,
+                                      COVERAGE_TOLERANCE, *outputs)
+    with pytest.raises(ValueError, match="smaller than the window"):
+        _difference.difference_kernel(window, window, window, window, True,
+                                      COVERAGE_TOLERANCE, *(v[:19] for v in outputs))
+    with pytest.raises(ValueError, match="differ in shape"):
+        difference_pixels(window, window[:3])
+
+
+def test_importing_difference_does_not_import_numba() -> None:
+    """diffit.difference is compiled ahead of time: importing it imports no JIT.
+
+    The package's ``__init__`` imports the rest of diffit, so the module is imported on
+    its own, under an empty ``diffit`` package.
+    """
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=root, env=env)
+    script = (
+        "import sys, types\n"
+        "package = types.ModuleType('diffit')\n"
+        f"package.__path__ = [{str(root / 'diffit')!r}]\n"
+        "sys.modules['diffit'] = package\n"
+        "import diffit.difference\n"
+        "assert diffit.difference._difference.__file__.startswith(package.__path__[0])\n"
+        "assert 'numba' not in sys.modules, 'numba was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=root)
