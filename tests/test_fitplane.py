@@ -7,15 +7,8 @@ from astropy.io import fits
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from diffit.fitplane import (
-    N_ITERATIONS,
-    FitError,
-    _fit_kernel,
-    _same,
-    _solve3,
-    _valid_pixels,
-    fit_plane,
-)
+from diffit._fitplane import exact_scale_bits
+from diffit.fitplane import N_ITERATIONS, FitError, _fit_kernel, _valid_pixels, fit_plane
 
 FIELDS = ("a", "b", "c", "crpix1", "crpix2", "xmin", "xmax", "ymin", "ymax", "xcenter",
           "ycenter", "npixel", "rms", "boxx", "boxy", "boxwidth", "boxheight", "boxang")
@@ -120,12 +113,70 @@ def test_fit_never_crashes(image, crpix1, crpix2, level_only) -> None:
 # The optimised kernel against the plain transcription of mFitplane's loop.
 #
 # ``_fit_kernel_reference`` is the straightforward loop (sequential scan-order sums,
-# branches for clipping) that the optimised ``_fit_kernel`` replaced (it shares only the
-# 3x3 solver and the state comparison, which the optimisation did not touch); the tests above and
-# tests/test_parity.py check the whole fit against MontagePy. Every returned double must
-# match bit for bit (sign of zero included) on a wide range of random inputs, so that the
-# exact-integer coordinate sums and the branch-free passes can never drift from it.
+# branches for clipping) that the optimised, compiled ``_fit_kernel`` replaced, jitted
+# with numba (a test-only dependency) so that thousands of random inputs run in seconds.
+# The 3x3 solver and the state comparison are transcribed from mFitplane too; the tests
+# above and tests/test_parity.py check the whole fit against MontagePy. Every returned
+# double must match bit for bit (sign of zero included) on a wide range of random
+# inputs, so that the exact coordinate sums and the branch-free, two-pixels-at-a-time
+# passes can never drift from it.
 # ---------------------------------------------------------------------------------------
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _solve3_reference(m, v):  # pragma: no cover - jitted
+    """Gauss-Jordan elimination with full pivoting on a 3x3 system, in place.
+
+    Returns 0 on success (``v`` holds the solution), 1 when a pivot is chosen twice
+    ("Singular Matrix-1") and 2 on an exactly zero pivot ("Singular Matrix-2").
+    """
+    n = 3
+    used = np.zeros(n, dtype=np.int64)
+    row = 0
+    col = 0
+    for step in range(n):
+        largest = 0.0
+        for r in range(n):
+            if used[r] == 1:
+                continue
+            for c in range(n):
+                if used[c] == 0:
+                    if abs(m[r, c]) >= largest:
+                        largest = abs(m[r, c])
+                        row = r
+                        col = c
+                elif used[c] > 1:
+                    return 1
+        used[col] += 1
+        if row != col:
+            for c in range(n):
+                tmp = m[row, c]
+                m[row, c] = m[col, c]
+                m[col, c] = tmp
+            tmp = v[row]
+            v[row] = v[col]
+            v[col] = tmp
+        if m[col, col] == 0.0:
+            return 2
+        inverse = 1.0 / m[col, col]
+        m[col, col] = 1.0
+        for c in range(n):
+            m[col, c] *= inverse
+        v[col] *= inverse
+        for r in range(n):
+            if r != col:
+                factor = m[r, col]
+                m[r, col] = 0.0
+                for c in range(n):
+                    m[r, c] -= m[col, c] * factor
+                v[r] -= v[col] * factor
+    return 0
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _same_reference(x, y):  # pragma: no cover - jitted
+    """True when two doubles are identical, including the sign of zero."""
+    return x == y and np.signbit(x) == np.signbit(y)
 
 
 @numba.njit(nogil=True, error_model="numpy")
@@ -185,7 +236,7 @@ def _fit_kernel_reference(xs, ys, zs, level_only, n_iterations, stop_early):  # 
             v[0] = sxz
             v[1] = syz
             v[2] = sz
-            status = _solve3(m, v)
+            status = _solve3_reference(m, v)
             if status != 0:
                 return (status, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
             new_a = v[0]
@@ -204,8 +255,8 @@ def _fit_kernel_reference(xs, ys, zs, level_only, n_iterations, stop_early):  # 
         new_rms = np.sqrt(szz / count)
         converged = (
             iteration >= 1
-            and _same(new_a, a) and _same(new_b, b)
-            and _same(new_c, c) and _same(new_rms, rms)
+            and _same_reference(new_a, a) and _same_reference(new_b, b)
+            and _same_reference(new_c, c) and _same_reference(new_rms, rms)
         )
         a = new_a
         b = new_b
@@ -342,7 +393,7 @@ def test_realistic_strips() -> None:
 
 
 def test_tiny_and_degenerate_inputs() -> None:
-    """No pixels, one to three pixels, collinear pixels (singular matrices)."""
+    """No pixels, one to three pixels, collinear pixels (singular matrices), overflow."""
     cases = [
         ([], [], []),
         ([0.5], [1.5], [2.0]),
@@ -356,6 +407,11 @@ def test_tiny_and_degenerate_inputs() -> None:
         ([0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]),
         ([0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0], [-0.0, -0.0, -0.0, -0.0]),
         ([1e-7, 1.0, 1e-7, 1.0], [0.0, 0.0, 1.0, 1.0], [1.0, 2.0, 3.0, 5.0]),
+        # an outlier whose squared residual overflows once it is rejected: it must add
+        # nothing (inf * 0 would add NaN)
+        ([1.0, 4.0, 0.0, -3.0, -4.0, -5.0, 2.0, 3.0, 1.0],
+         [0.0, 1.0, -5.0, 4.0, -2.0, 3.0, 4.0, -5.0, -5.0],
+         [-0.8, -0.17, 0.8, 1.39e154, 0.5, -0.79, -1.16, 0.64, -0.38]),
     ]
     for xs, ys, zs in cases:
         xs, ys, zs = (np.array(v, dtype=np.float64) for v in (xs, ys, zs))
@@ -394,3 +450,94 @@ def test_arbitrary_coordinate_arrays(seed) -> None:
         for level_only in (False, True):
             for stop_early in (False, True):
                 assert_identical(xs, ys, zs, level_only, stop_early, (seed, case, kind))
+
+
+def test_kernel_takes_read_only_arrays_and_checks_lengths() -> None:
+    rng = np.random.default_rng(5)
+    xs, ys, zs = _valid_pixels(noisy_plane(rng, 20, 30, 4.5, 2.5), 4.5, 2.5)
+    want = _fit_kernel(xs, ys, zs, False, N_ITERATIONS, True)
+    for array in (xs, ys, zs):
+        array.flags.writeable = False
+    assert _fit_kernel(xs, ys, zs, False, N_ITERATIONS, True) == want
+    with pytest.raises(ValueError):
+        _fit_kernel(xs, ys[:-1], zs, False, N_ITERATIONS, True)
+
+
+# ---------------------------------------------------------------------------------------
+# The exact path's choice against the numba kernel's guess-and-verify.
+#
+# The choice never changes a result (both paths give Montage's sums), so the tests above
+# cannot see it. The compiled kernel computes ``q`` directly; the numba kernel it
+# replaced guessed it from ``v - floor(v)`` and verified the guess. Both must choose the
+# same path and ``q``.
+# ---------------------------------------------------------------------------------------
+
+
+@numba.njit(error_model="numpy")
+def _fraction_bits_reference(values):  # pragma: no cover - jitted
+    unit = float(2 ** 26)
+    bits = 0
+    bad = False
+    for k in range(values.shape[0]):
+        v = values[k]
+        fraction = (v - np.floor(v)) * unit
+        bad |= fraction != np.floor(fraction)
+        if not bad:
+            bits |= np.int32(fraction)
+    if bad:
+        return -1
+    q = 26
+    while bits != 0 and bits % 2 == 0:
+        bits //= 2
+        q -= 1
+    return q if bits != 0 else 0
+
+
+@numba.njit(error_model="numpy")
+def _exact_scale_bits_reference(xs, ys):  # pragma: no cover - jitted
+    qx = _fraction_bits_reference(xs)
+    qy = _fraction_bits_reference(ys)
+    if qx < 0 or qy < 0:
+        return -1
+    q = max(qx, qy)
+    scale = 2.0 ** q
+    for values in (xs, ys):
+        for k in range(values.shape[0]):
+            v = values[k] * scale
+            if v != np.floor(v):
+                return -1
+    total = 0.0
+    for k in range(xs.shape[0]):
+        total += xs[k] * xs[k] + ys[k] * ys[k]
+    if not total * (scale * scale) <= 2.0 ** 52:
+        return -1
+    return q
+
+
+def test_exact_path_choice() -> None:
+    rng = np.random.default_rng(3000)
+    specials = np.array([0.0, -0.0, -2.0 ** -60, -1e-20, 2.0 ** -26, -2.0 ** -27, 2.0 ** 26,
+                         -2.0 ** 26, 2.0 ** 26 + 0.5, 2.0 ** 37, -2.0 ** 37 + 1, 2.0 ** 52,
+                         2.0 ** 63, 1e300, -1e300, 5e-324, 0.1, -0.5])
+    chosen = set()
+    for case in range(3000):
+        n = int(rng.integers(1, 60))
+        q = int(rng.integers(0, 30))
+        scale = 2.0 ** -q
+        xs = rng.integers(-2 ** 20, 2 ** 20, n) * scale * 2.0 ** rng.integers(-3, 8)
+        ys = np.repeat(rng.integers(-2 ** 12, 2 ** 12, n) * scale, 1)[:n]
+        if rng.random() < 0.3:
+            xs, ys = xs / 2.0 ** 14, ys / 2.0 ** 14
+        if rng.random() < 0.4:
+            for arr in (xs, ys):
+                pick = rng.random(n) < 0.2
+                arr[pick] = rng.choice(specials, pick.sum())
+        if rng.random() < 0.1:  # one large coordinate with all others zero
+            xs[:] = 0.0
+            ys[:] = 0.0
+            xs[0] = rng.choice([2.0 ** 26, 2.0 ** 26 + 1, 2.0 ** 25 + 0.5, 2.0 ** 37])
+        xs, ys = np.ascontiguousarray(xs), np.ascontiguousarray(ys)
+        want = _exact_scale_bits_reference(xs, ys)
+        assert exact_scale_bits(xs, ys) == want, (case, xs, ys)
+        chosen.add(want)
+    assert -1 in chosen and len(chosen) > 20
