@@ -4,6 +4,15 @@ For every overlapping pair of projected images it forms the difference in the ov
 fits a plane with Montage's outlier rejection, and writes the fits.tbl that Montage's
 mBgModel reads -- the same rows, character for character.
 """
+try:
+    from diffit import _boundingbox, _difference, _fitplane  # noqa: F401 - compiled kernels
+except ImportError as error:  # a source checkout that was never built
+    raise ImportError(
+        f"diffit's compiled kernels are missing ({error}): install diffit with"
+        " `pip install .` (needs a C compiler), or build them in place with"
+        " `python setup.py build_ext --inplace`"
+    ) from error
+
 from diffit.api import mDiffFitExec
 from diffit.runner import Interrupted, RunError, RunResult, run
 

@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
-import joblib
-
 from diffit.allocator import keep_freed_memory
 from diffit.fitsio import ImageReader
 from diffit.headers import Template, read_template
@@ -471,6 +469,8 @@ def _retry_alone(pairs: list[OverlapPair], template: Template, options: PairOpti
 
 
 def _parallel(batches, in_flight, template, options, jobs, backend, task):
+    import joblib  # only parallel runs need it (about 0.1 s to import)
+
     def tracked():
         for batch in batches:
             in_flight[batch[0].index] = batch

@@ -94,7 +94,7 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
     common = [str(projdir), str(diffs), str(template)]
     times = {"montage": [], f"diffit_j{jobs}": [], "diffit_j1": []}
     peaks = {key: [] for key in times}
-    # Untimed warm-up of both (imports, numba's on-disk cache, page cache).
+    # Untimed warm-up of both (imports, page cache).
     run_tool(MONTAGE, [*common, str(root / "mdiffs"), str(montage_out)])
     run_tool(DIFFIT, [*common, str(root / "ddiffs"), str(root / "diffit.tbl"), str(jobs)])
     reference = montage_out.read_text()

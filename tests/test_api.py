@@ -44,3 +44,26 @@ def test_modern_api_returns_outcomes(small_survey, tmp_path) -> None:
     assert result.count == len(result.outcomes) == small_survey.n_pairs
     assert all(o.reason for o in result.failures)
     assert {o.stage for o in result.outcomes} <= {"ok", "diff", "fit"}
+
+
+def test_unbuilt_kernels_give_an_install_hint() -> None:
+    """A checkout whose extensions were never compiled fails with a hint, not a bare
+    ImportError deep in the package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'diffit._fitplane':\n"
+        "            raise ImportError('No module named diffit._fitplane')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import diffit\n"
+    )
+    root = Path(diffit.__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "compiled kernels are missing" in last and "pip install ." in last
