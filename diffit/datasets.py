@@ -901,7 +901,6 @@ def make_survey(
     )
     tn1, tn2 = int((x0 + nx).max()), int((y0 + ny).max())
     template = make_template_header(tn1, tn2, tn1 // 2 + 0.5, tn2 // 2 + 0.5)
-    tc1, tc2 = float(template["CRPIX1"]), float(template["CRPIX2"])
 
     maker = _TileMaker(
         sky=_Sky(tn1, tn2, seed, components),

@@ -115,10 +115,15 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
                 reference = output.read_text()
         startup.append(run_tool(DIFFIT, [*one_pair, "1"]).seconds)
     median = {key: statistics.median(values) for key, values in times.items()}
+    # Each round's own 1 -> N ratio (its two runs are seconds apart, so slow drifts of the
+    # machine's speed cancel out), beside the ratio of the medians.
+    rounds = [one / many for one, many in zip(times["diffit_j1"], times[f"diffit_j{jobs}"])]
     return {
         "tiles": n_tiles, "tile_shape": list(tile_shape), "pairs": n_pairs,
         "runs": {key: len(values) for key, values in times.items()},
         "median_seconds": median,
+        "seconds": times,
+        "scaling_per_round": rounds,
         "peak_rss_mb": {key: max(values) for key, values in peaks.items()},
         "pairs_per_second": {key: n_pairs / value for key, value in median.items()},
         "speedup_vs_montage": median["montage"] / median[f"diffit_j{jobs}"],
@@ -158,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['scaling_1_to_n_workers']:>5.2f}x")
     print("every diffit fits.tbl was identical to Montage's")
     for r in results:
+        rounds = sorted(r["scaling_per_round"])
         print(f"{r['tiles']} tiles: a one-pair run of diffit (start-up: interpreter, imports,"
-              f" loading the compiled kernels) takes {r['diffit_one_pair_seconds']:.2f} s")
+              f" loading the compiled kernels) takes {r['diffit_one_pair_seconds']:.2f} s;"
+              f" 1 -> {args.jobs} workers round by round: "
+              + ", ".join(f"{x:.2f}x" for x in rounds)
+              + f" (median {statistics.median(rounds):.2f}x)")
     if args.json:
         meta = {"python": platform.python_version(), "machine": platform.machine(),
                 "cpus": os.cpu_count(), "jobs": args.jobs, "repeats": args.repeats,
