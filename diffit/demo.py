@@ -38,7 +38,7 @@ def run_demo(directory: str | os.PathLike = "diffit-demo", *, tiles: int = 24, s
     print(f"generated {len(survey.tiles)} tiles ({survey.tiles[0].nx}x{survey.tiles[0].ny} px) "
           f"with {survey.n_pairs} overlaps in {made:.1f} s: {survey.directory}")
     output = directory / "fits.tbl"
-    print("fitting (the very first run also compiles diffit's kernels, ~20 s, cached afterwards)")
+    print("fitting")
     start = time.perf_counter()
     result = run(survey.projdir, survey.diffs_table, survey.template, output,
                  jobs=jobs, progress=progress)
