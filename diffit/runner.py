@@ -111,8 +111,28 @@ def process_batch(
 
 
 def _batches(pairs: Iterable[OverlapPair], size: int) -> Iterator[list[OverlapPair]]:
+    """Consecutive pairs in batches of ``size``."""
     iterator = iter(pairs)
     while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _guided_batches(pairs: Iterable[OverlapPair], remaining: int, jobs: int,
+                    largest: int = 64) -> Iterator[list[OverlapPair]]:
+    """Consecutive pairs in batches that shrink towards the end of the table.
+
+    Each batch is at most 1/(4*jobs) of the pairs still to come (and at most
+    ``largest``), so the workers' last tasks are small and end close together
+    instead of one worker finishing a long batch while the others idle (OpenMP's
+    "guided" schedule).
+    """
+    iterator = iter(pairs)
+    while True:
+        size = max(1, min(largest, remaining // (4 * jobs)))
+        batch = list(islice(iterator, size))
+        if not batch:
+            return
+        remaining -= len(batch)
         yield batch
 
 
@@ -297,7 +317,8 @@ def run(
     jobs : int, optional
         Workers (default: all cores; 1 runs in this process).
     batch_size : int, optional
-        Pairs per task (default: chosen from the table size and ``jobs``).
+        Pairs per task (default: up to 64, shrinking towards the end of the table so
+        that the workers finish together).
     progress : bool or callable
         ``True`` for a tqdm bar on stderr, or a callable given the number of pairs just
         finished (for a caller's own progress display).
@@ -337,8 +358,6 @@ def run(
                           level_only=level_only, no_areas=no_areas)
     jobs = default_jobs() if not jobs or jobs < 0 else jobs
     backend = backend or "threads"
-    if batch_size is None:
-        batch_size = max(1, min(64, total // (jobs * 8) or 1))
 
     signature = {"diffs": os.path.abspath(diffs), "template": os.path.abspath(template_path),
                  "projdir": os.path.abspath(projdir), "level_only": level_only,
@@ -359,7 +378,9 @@ def run(
         if bar is not None and finished:
             bar(finished)
         todo = (pair for pair in iter_overlap_table(diffs) if pair.index not in done)
-        for outcomes in _execute(_batches(todo, batch_size), parsed_template, options, jobs, backend, task):
+        batches = (_batches(todo, batch_size) if batch_size is not None
+                   else _guided_batches(todo, total - len(done), jobs))
+        for outcomes in _execute(batches, parsed_template, options, jobs, backend, task):
             journal.append(outcomes)
             for outcome in outcomes:
                 _collect(outcome, writer, result, on_outcome)

@@ -105,3 +105,19 @@ def test_a_dying_worker_fails_only_its_pair(small_survey, tmp_path) -> None:
             assert got.stage == "diff" and "worker process died" in got.reason
         else:
             assert (got.stage, got.row) == (want.stage, want.row)
+
+
+@pytest.mark.parametrize("total, jobs", [(0, 2), (1, 1), (7, 2), (121, 2), (1117, 2), (5000, 8)])
+def test_guided_batches_cover_the_table_in_order_and_shrink_to_the_end(total, jobs) -> None:
+    from diffit.runner import _guided_batches
+
+    batches = list(_guided_batches(iter(range(total)), total, jobs))
+    assert [item for batch in batches for item in batch] == list(range(total))
+    sizes = [len(batch) for batch in batches]
+    assert all(0 < size <= 64 for size in sizes)
+    assert sizes == sorted(sizes, reverse=True)
+    # the last task of every worker is small: at most 1/(4*jobs) of what came before it
+    for k, size in enumerate(sizes):
+        assert size <= max(1, (total - sum(sizes[:k])) // (4 * jobs))
+    if total >= 4 * jobs:
+        assert sizes[-1] == 1
