@@ -6,7 +6,9 @@ keywords of each image. This module parses standard-conforming cards -- an upper
 keyword, the ``"= "`` value indicator in columns 9-10, and a string, logical, integer
 or real value with an optional comment -- into a plain ``dict``, giving the same values
 astropy gives for them (the first occurrence of a keyword wins, string values lose
-trailing blanks, ``D`` exponents are read as ``E``).
+trailing blanks, ``D`` exponents are read as ``E``). The few strings that astropy
+reads differently from the standard (a doubled quote before a blank or ``/``, an empty
+string followed by a comment with a quote) are left to astropy.
 
 Anything else -- lower-case or odd keywords, ``HIERARCH`` and ``CONTINUE`` cards,
 complex or undefined values, non-ASCII bytes, a header without ``END`` -- raises
@@ -51,6 +53,11 @@ def parse_value(field: str) -> str | bool | int | float:
         raise NotSimple(f"value {field.strip()!r} is not a plain string, logical or number")
     string, logical, integer, real = match.groups()
     if string is not None:
+        if "' " in string or "'/" in string or (not string and field.count("'") > 2):
+            # astropy ends a string at the first quote after its first character that is
+            # followed by a blank, "/" or the end, even one of a doubled pair, so it reads
+            # '''/' as "'" (the standard: "'/") and '' / it's' as "' / it"
+            raise NotSimple("string value that astropy reads differently")
         return string.replace("''", "'").rstrip(" ")
     if logical is not None:
         return logical == "T"

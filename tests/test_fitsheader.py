@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from diffit.fitsheader import NotSimple, parse_card, parse_cards, read_header
@@ -51,6 +51,10 @@ VALUES = st.one_of(NUMBERS, STRINGS, st.sampled_from(["'unterminated", "'a' junk
 @settings(max_examples=400, deadline=None)
 @given(KEYWORDS, st.sampled_from(["= ", "=", " =", "  "]), st.integers(0, 20), VALUES,
        st.sampled_from(["", " / a comment", "/c", " junk"]))
+@example("CRPIX1", "= ", 0, "'''/'", "")  # astropy reads "'", the standard "'/"
+@example("OBJECT", "= ", 0, "'Barnard''s star'", " / name")
+@example("OBSERVER", "= ", 1, "''", " / observer's name")
+@example("CTYPE1", "= ", 2, "''", " / =' / c")  # astropy: "' / ="
 def test_accepted_cards_read_as_astropy_reads_them(keyword, indicator, pad, value, comment) -> None:
     card = (keyword.ljust(8) + indicator + " " * pad + value + comment)[:80]
     try:
