@@ -686,7 +686,10 @@ cdef FitResult _fit(const double[::1] xs, const double[::1] ys, const double[::1
     """The iterations of :func:`fit_kernel` (see there); ``mode`` picks the fit pass.
 
     ``starts`` are the row starts of the ``EXACT`` mode (unused otherwise);
-    ``residual`` and ``used_residual`` are scratch arrays of ``len(xs)`` zeros.
+    ``residual`` and ``used_residual`` are scratch arrays of ``len(xs)`` doubles whose
+    contents do not matter: they are read only against an infinite limit (the first fit
+    pass, and the extremes when no later pass ran), which no double exceeds, not even a
+    NaN, before the rms pass has overwritten them.
     """
     cdef FitResult result
     cdef Sums sums
@@ -838,8 +841,8 @@ def fit_kernel(const double[::1] xs, const double[::1] ys, const double[::1] zs,
         mode = FINITE
     # residuals for the latest coefficients and those the latest fit pass clipped on;
     # the row starts of the exact path
-    cdef double[::1] residual = np.zeros(n)
-    cdef double[::1] used_residual = np.zeros(n)
+    cdef double[::1] residual = np.empty(n)  # contents unused (see _fit)
+    cdef double[::1] used_residual = np.empty(n)
     cdef int64_t[::1] starts = np.empty(rows + 1, dtype=np.int64)
     with nogil:
         if mode == EXACT:
