@@ -9,8 +9,8 @@ try:
 except ImportError as error:  # a source checkout that was never built
     raise ImportError(
         f"diffit's compiled kernels are missing ({error}): install diffit with"
-        " `pip install .` (needs a C compiler), or build them in place with"
-        " `python setup.py build_ext --inplace`"
+        " `pip install .` (needs a C compiler), or in place for development with"
+        " `pip install -e .`"
     ) from error
 
 from diffit.api import mDiffFitExec
