@@ -5,7 +5,7 @@ fits a plane with Montage's outlier rejection, and writes the fits.tbl that Mont
 mBgModel reads -- the same rows, character for character.
 """
 try:
-    from diffit import _boundingbox, _difference, _fitplane  # noqa: F401 - compiled kernels
+    from diffit import _boundingbox, _difference, _fitplane, _fitsread  # noqa: F401 - compiled kernels
 except ImportError as error:  # a source checkout that was never built
     raise ImportError(
         f"diffit's compiled kernels are missing ({error}): install diffit with"

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from diffit import _fitsread
 from diffit.fitsheader import NotSimple, read_header
 from diffit.geometry import GridGeometry
 
@@ -465,12 +466,13 @@ _BAND_BYTES = 4 << 20
 def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
     """A window of an uncompressed image, read without keeping anything mapped.
 
-    Usually the rows the window spans are read into a fresh buffer with one system
-    call: cheaper than mapping the file, faulting its pages in and unmapping it. A
-    window much narrower than its rows is read through a memory map held only for
-    this read instead, which touches only the pages the window lies on. Either way
-    nothing of the file stays in the process's memory, however many images are open
-    and however large they are.
+    Usually the rows the window spans are read with one positioned read and converted,
+    all in one compiled call that holds no GIL (see :mod:`diffit._fitsread`): cheaper
+    than mapping the file, faulting its pages in and unmapping it, and a single point
+    where worker threads meet. A window much narrower than its rows is read through a
+    memory map held only for this read instead, which touches only the pages the
+    window lies on. Either way nothing of the file stays in the process's memory,
+    however many images are open and however large they are.
     """
     if image.layout is None:  # parsed once per open file: header lookups are slow
         header = image.hdu.header
@@ -479,18 +481,24 @@ def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
                         image.hdu.fileinfo()["datLoc"])
     dtype, shape, offset = image.layout
     row0, row1, step = index[-2].indices(shape[-2])
+    col0, col1, col_step = index[-1].indices(shape[-1])
     rows = len(range(row0, row1, step))
-    columns = len(range(*index[-1].indices(shape[-1])))
+    columns = len(range(col0, col1, col_step))
     row_bytes = shape[-1] * dtype.itemsize
+    data_bytes = dtype.itemsize * math.prod(shape)
+    if step == 1 and col_step == 1 and rows * row_bytes <= max(
+            _BAND_FACTOR * rows * columns * dtype.itemsize, _BAND_BYTES):
+        # The window lies in the first plane, which starts where the data do.
+        bitpix = 8 * dtype.itemsize * (-1 if dtype.kind == "f" else 1)
+        try:
+            return _fitsread.read_window(image.path, offset, bitpix, shape[-1], data_bytes,
+                                         row0, max(row0, row1), col0, max(col0, col1),
+                                         image.scale, image.zero, image.blank)
+        except _fitsread.TruncatedFile:
+            raise ImageError(f"{image.path}: the file is truncated") from None
     with open(image.path, "rb", buffering=0) as stream:
-        if os.fstat(stream.fileno()).st_size < offset + dtype.itemsize * math.prod(shape):
+        if os.fstat(stream.fileno()).st_size < offset + data_bytes:
             raise ImageError(f"{image.path}: the file is truncated")
-        if step == 1 and rows * row_bytes <= max(_BAND_FACTOR * rows * columns * dtype.itemsize,
-                                                 _BAND_BYTES):
-            band = np.empty((rows, shape[-1]), dtype=dtype)
-            # The window lies in the first plane, which starts where the data do.
-            _read_exactly(image.path, stream, offset + row0 * row_bytes, band)
-            return _to_physical(image, band[:, index[-1]])
         mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         raw = np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset)[index]
@@ -499,18 +507,6 @@ def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
     finally:
         mapped.close()
     return window
-
-
-def _read_exactly(path: str, stream, position: int, out: np.ndarray) -> None:
-    """Fill ``out`` with the file's bytes from ``position`` (ImageError if they end)."""
-    buffer = memoryview(out.reshape(-1).view(np.uint8))
-    stream.seek(position)
-    done = 0
-    while done < len(buffer):
-        got = stream.readinto(buffer[done:])
-        if not got:
-            raise ImageError(f"{path}: the file is truncated")
-        done += got
 
 
 def read_window(image: OpenImage, rows: slice, cols: slice) -> np.ndarray:
@@ -561,11 +557,12 @@ def read_window(image: OpenImage, rows: slice, cols: slice) -> np.ndarray:
 
 def _signature(path: str) -> tuple[int, ...] | None:
     """What identifies a file's current content cheaply (None when it cannot be stat-ed)."""
-    try:
-        st = os.stat(path)
-    except (OSError, TypeError, ValueError):
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return _fitsread.signature(path)
+
+
+def file_exists(path: str) -> bool:
+    """Whether ``path`` can be stat-ed (:func:`os.path.exists`, without releasing the GIL)."""
+    return _fitsread.signature(path) is not None
 
 
 _LIVE_READERS: "weakref.WeakSet[ImageReader]" = weakref.WeakSet()

@@ -23,7 +23,7 @@ from functools import cached_property
 
 from diffit.difference import Difference, KeptPixels, Workspace, difference_pixels, fits_rounded
 from diffit.fitplane import FitError, PlaneFit, fit_pixels
-from diffit.fitsio import ImageError, ImageReader, OpenImage, quiet_astropy, read_window
+from diffit.fitsio import ImageError, ImageReader, OpenImage, file_exists, quiet_astropy, read_window
 from diffit.geometry import overlap_window
 from diffit.headers import Template, grid_mismatch, template_fits_header
 from diffit.tables import OverlapPair, format_fit_row
@@ -105,7 +105,7 @@ _AREA_SUFFIXES = (".fits", ".fits.gz", ".fits.fz")
 def _first_existing(candidates: list[str]) -> str:
     """The first candidate that exists, else the first (named in the error message)."""
     for candidate in candidates:
-        if os.path.exists(candidate):
+        if file_exists(candidate):
             return candidate
     return candidates[0]
 
@@ -149,15 +149,15 @@ def input_names(path: str) -> tuple[str, str]:
     else:
         stem = path
         flux, area = path + ".fits", path + "_area.fits"
-    if os.path.exists(flux):
+    if file_exists(flux):
         return flux, _first_existing(_area_candidates(stem, ".fits"))
     for suffix in AS_GIVEN_SUFFIXES:
-        if path.endswith(suffix) and os.path.exists(path):
+        if path.endswith(suffix) and file_exists(path):
             stem = path[: -len(suffix)]
             return path, _first_existing(_area_candidates(stem, suffix))
     if fits_name:
         for extra in (".gz", ".fz"):
-            if os.path.exists(path + extra):
+            if file_exists(path + extra):
                 return path + extra, _first_existing(_area_candidates(stem, ".fits" + extra))
     return flux, area
 

@@ -1,0 +1,303 @@
+"""Compiled window reader of :mod:`diffit.fitsio`: one GIL-free call per window.
+
+Reading a window through Python file objects and numpy takes half a dozen calls that
+each release and retake the GIL (open, two fstats, seek, read, close, the byte swap).
+With several worker threads every one of those is a point where a thread may have to
+wait for another's Python code, so here the whole read -- open, size check, one
+positioned read of the rows the window spans, close, and the conversion of the
+window's big-endian raw values to physical values -- happens in a single call without
+the GIL.
+
+The conversion is :func:`diffit.fitsio._to_physical`'s, value for value: unscaled
+floating-point pixels keep their precision (float32 stays float32), everything else
+becomes ``double(raw) * BSCALE + BZERO`` (the scaling only when it is not the identity,
+two roundings as in numpy, never a fused multiply-add), and integer pixels equal to
+``BLANK`` become NaN.
+"""
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.math cimport NAN
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+import os
+
+import numpy as np
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #ifdef _WIN32
+    #include <fcntl.h>
+    #include <io.h>
+    #include <sys/stat.h>
+    #else
+    #include <fcntl.h>
+    #include <sys/stat.h>
+    #include <unistd.h>
+    #endif
+
+    /* Read nbytes at offset of a file at least min_size bytes long into buffer.
+       Returns 0, an errno value, or -1 when the file is shorter than that. */
+    static int diffit_read_at(const char *path, long long offset, long long min_size,
+                              char *buffer, long long nbytes)
+    {
+        long long done = 0;
+        int status = 0;
+    #ifdef _WIN32
+        struct _stati64 info;
+        int fd = _open(path, _O_RDONLY | _O_BINARY);
+        if (fd < 0) return errno;
+        if (_fstati64(fd, &info) != 0) { status = errno; goto finish; }
+        if ((long long)info.st_size < min_size) { status = -1; goto finish; }
+        if (_lseeki64(fd, offset, SEEK_SET) < 0) { status = errno; goto finish; }
+        while (done < nbytes) {
+            long long chunk = nbytes - done;
+            int got;
+            if (chunk > (1 << 30)) chunk = 1 << 30;
+            got = _read(fd, buffer + done, (unsigned int)chunk);
+            if (got < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
+            if (got == 0) { status = -1; goto finish; }
+            done += got;
+        }
+    finish:
+        _close(fd);
+    #else
+        struct stat info;
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return errno;
+        if (fstat(fd, &info) != 0) { status = errno; goto finish; }
+        if ((long long)info.st_size < min_size) { status = -1; goto finish; }
+        while (done < nbytes) {
+            ssize_t got = pread(fd, buffer + done, (size_t)(nbytes - done), (off_t)(offset + done));
+            if (got < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
+            if (got == 0) { status = -1; goto finish; }
+            done += got;
+        }
+    finish:
+        close(fd);
+    #endif
+        return status;
+    }
+    """
+    int diffit_read_at(const char *path, long long offset, long long min_size,
+                       char *buffer, long long nbytes) nogil
+
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <sys/stat.h>
+
+    /* Device, inode, size and modification and change times (ns) of a file, or an
+       errno value. */
+    static int diffit_stat(const char *path, long long out[5])
+    {
+    #ifdef _WIN32
+        struct _stati64 info;
+        if (_stati64(path, &info) != 0) return errno;
+        out[3] = (long long)info.st_mtime * 1000000000LL;
+        out[4] = (long long)info.st_ctime * 1000000000LL;
+    #else
+        struct stat info;
+        if (stat(path, &info) != 0) return errno;
+    #if defined(__APPLE__)
+        out[3] = (long long)info.st_mtimespec.tv_sec * 1000000000LL + info.st_mtimespec.tv_nsec;
+        out[4] = (long long)info.st_ctimespec.tv_sec * 1000000000LL + info.st_ctimespec.tv_nsec;
+    #else
+        out[3] = (long long)info.st_mtim.tv_sec * 1000000000LL + info.st_mtim.tv_nsec;
+        out[4] = (long long)info.st_ctim.tv_sec * 1000000000LL + info.st_ctim.tv_nsec;
+    #endif
+    #endif
+        out[0] = (long long)info.st_dev;
+        out[1] = (long long)info.st_ino;
+        out[2] = (long long)info.st_size;
+        return 0;
+    }
+    """
+    int diffit_stat(const char *path, long long out[5])
+
+
+def signature(path):
+    """What identifies a file's current content cheaply, or None when it cannot be stat-ed.
+
+    ``(device, inode, size, mtime_ns, ctime_ns)``. Unlike :func:`os.stat` this keeps the
+    GIL through the system call (a few microseconds on a local file): worker threads
+    call it for every pair, and releasing the GIL would make each call a point where
+    a thread may have to wait for another's Python code.
+    """
+    cdef long long values[5]
+    try:
+        encoded = os.fsencode(path)
+    except (TypeError, ValueError):
+        return None
+    if b"\0" in encoded:
+        return None
+    if diffit_stat(encoded, values) != 0:
+        return None
+    return (values[0], values[1], values[2], values[3], values[4])
+
+
+class TruncatedFile(Exception):
+    """The file ends before the image's data do."""
+
+
+cdef inline uint16_t _load16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t _load32(const uint8_t *p) noexcept nogil:
+    return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16)
+            | (<uint32_t>p[2] << 8) | p[3])
+
+
+cdef inline uint64_t _load64(const uint8_t *p) noexcept nogil:
+    return (<uint64_t>_load32(p) << 32) | _load32(p + 4)
+
+
+cdef inline double _raw_value(const uint8_t *p, int bitpix) noexcept nogil:
+    """The big-endian raw value at ``p`` as a double (integers exactly as numpy casts)."""
+    cdef uint32_t u32
+    cdef uint64_t u64
+    cdef float f
+    cdef double d
+    if bitpix == 8:
+        return <double>p[0]
+    if bitpix == 16:
+        return <double>(<int16_t>_load16(p))
+    if bitpix == 32:
+        return <double>(<int32_t>_load32(p))
+    if bitpix == 64:
+        return <double>(<int64_t>_load64(p))
+    if bitpix == -32:
+        u32 = _load32(p)
+        memcpy(&f, &u32, 4)
+        return <double>f
+    u64 = _load64(p)
+    memcpy(&d, &u64, 8)
+    return d
+
+
+cdef inline int64_t _raw_integer(const uint8_t *p, int bitpix) noexcept nogil:
+    if bitpix == 8:
+        return p[0]
+    if bitpix == 16:
+        return <int16_t>_load16(p)
+    if bitpix == 32:
+        return <int32_t>_load32(p)
+    return <int64_t>_load64(p)
+
+
+cdef void _convert_float32(const uint8_t *band, Py_ssize_t row_bytes, Py_ssize_t col0,
+                           float[:, ::1] out) noexcept nogil:
+    cdef Py_ssize_t r, c
+    cdef const uint8_t *p
+    cdef uint32_t u32
+    for r in range(out.shape[0]):
+        p = band + r * row_bytes + col0 * 4
+        for c in range(out.shape[1]):
+            u32 = _load32(p + 4 * c)
+            memcpy(&out[r, c], &u32, 4)
+
+
+cdef void _convert_double(const uint8_t *band, Py_ssize_t row_bytes, Py_ssize_t col0,
+                          int bitpix, bint scaled, double scale, double zero,
+                          bint has_blank, int64_t blank, double[:, ::1] out) noexcept nogil:
+    cdef Py_ssize_t r, c
+    cdef Py_ssize_t size = bitpix // 8 if bitpix > 0 else -bitpix // 8
+    cdef const uint8_t *p
+    cdef double value
+    for r in range(out.shape[0]):
+        p = band + r * row_bytes + col0 * size
+        for c in range(out.shape[1]):
+            value = _raw_value(p, bitpix)
+            if scaled:
+                value = value * scale
+                value = value + zero
+            if has_blank and _raw_integer(p, bitpix) == blank:
+                value = NAN
+            out[r, c] = value
+            p += size
+
+
+def read_window(path, Py_ssize_t data_offset, int bitpix, Py_ssize_t naxis1,
+                Py_ssize_t data_bytes, Py_ssize_t row0, Py_ssize_t row1, Py_ssize_t col0,
+                Py_ssize_t col1, double scale, double zero, blank):
+    """Physical values of a window of a plain (uncompressed) image's first plane.
+
+    Parameters
+    ----------
+    path : str
+        The FITS file.
+    data_offset : int
+        Byte offset of the image data in the file.
+    bitpix : int
+        BITPIX (8, 16, 32, 64, -32 or -64).
+    naxis1 : int
+        Row length in pixels.
+    data_bytes : int
+        Size of the whole data array: a shorter file is truncated.
+    row0, row1, col0, col1 : int
+        The window, 0-based, ends exclusive, inside the first plane.
+    scale, zero : float
+        BSCALE and BZERO.
+    blank : int or None
+        BLANK of an integer image.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 for unscaled single-precision images, float64 otherwise.
+
+    Raises
+    ------
+    OSError
+        The file cannot be opened or read.
+    TruncatedFile
+        The file is shorter than its header says.
+    """
+    if bitpix not in (8, 16, 32, 64, -32, -64):
+        raise ValueError(f"BITPIX {bitpix} is not a FITS pixel type")
+    if not (0 <= row0 <= row1 and 0 <= col0 <= col1 <= naxis1):
+        raise ValueError("the window is not inside the image")
+    cdef Py_ssize_t size = bitpix // 8 if bitpix > 0 else -bitpix // 8
+    cdef Py_ssize_t row_bytes = naxis1 * size
+    cdef Py_ssize_t rows = row1 - row0
+    cdef Py_ssize_t nbytes = rows * row_bytes
+    cdef bint scaled = scale != 1.0 or zero != 0.0
+    cdef bint has_blank = False
+    cdef int64_t blank_value = 0
+    if blank is not None and bitpix > 0 and -(1 << 63) <= blank < (1 << 63):
+        has_blank = True
+        blank_value = blank
+    cdef bytes encoded = os.fsencode(path)
+    cdef const char *c_path = encoded
+    cdef long long offset = data_offset + row0 * row_bytes
+    cdef long long min_size = data_offset + data_bytes
+    cdef bint as_float32 = bitpix == -32 and not scaled
+    out = np.empty((rows, col1 - col0), dtype=np.float32 if as_float32 else np.float64)
+    cdef float[:, ::1] out32
+    cdef double[:, ::1] out64
+    if as_float32:
+        out32 = out
+    else:
+        out64 = out
+    cdef uint8_t *band = <uint8_t*>malloc(nbytes if nbytes > 0 else 1)
+    if band == NULL:
+        raise MemoryError(f"cannot allocate {nbytes} bytes to read {path}")
+    cdef int status
+    try:
+        with nogil:
+            status = diffit_read_at(c_path, offset, min_size, <char*>band, nbytes)
+            if status == 0:
+                if as_float32:
+                    _convert_float32(band, row_bytes, col0, out32)
+                else:
+                    _convert_double(band, row_bytes, col0, bitpix, scaled, scale, zero,
+                                    has_blank, blank_value, out64)
+    finally:
+        free(band)
+    if status == -1:
+        raise TruncatedFile(path)
+    if status != 0:
+        raise OSError(status, os.strerror(status), path)
+    return out
