@@ -14,6 +14,10 @@ the suite asserts
    and the same pixels (NaN layout, and the bits of every other value, signed zeros
    included).
 
+:func:`test_montage_pipeline_end_to_end` also runs images that Montage itself made:
+raw frames on rotated WCSs through mImgtbl, mMakeHdr, mProjectPP and mOverlaps, then
+both mDiffFitExecs, then mBgModel on each fits.tbl (the same corrections).
+
 MontagePy is run once per group and mode and cached for the module; it runs with
 ``debug=1`` and its C stdout is captured, so :func:`test_generator_coverage` can check,
 from MontagePy's own messages, that the generator still produces the successes and the
@@ -458,3 +462,83 @@ def test_harness_reports_differences(workspace, tmp_path) -> None:
     assert "CRPIX1" in compare_image(run.diffdir / name, copy / name)
     (copy / name).unlink()
     assert "only from MontagePy" in compare_diffdirs(run.diffdir, copy)
+
+
+# --------------------------------------------------------------------------------------
+# Images that Montage itself projected, end to end
+# --------------------------------------------------------------------------------------
+
+def _raw_frames(folder: Path, seed: int) -> None:
+    """Six overlapping raw frames on their own tangent-plane WCS: rotated by up to 25
+    degrees, at a pixel scale of about 1 arcsec (not quite the others'), with a sloped
+    background of their own, a few stars, NaN pixels, and float32/float64/scaled int16."""
+    rng = np.random.default_rng(seed)
+    ny, nx = 90, 110
+    scale = 1.0 / 3600
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    for k in range(6):
+        row, col = divmod(k, 3)
+        angle = np.deg2rad(rng.uniform(-25, 25))
+        pixel = scale * rng.uniform(0.95, 1.05)
+        header = fits.Header()
+        header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
+        header["CRVAL1"] = 150.0 + (col * (nx - 25) + rng.uniform(-5, 5)) * scale / np.cos(np.deg2rad(2.0))
+        header["CRVAL2"] = 2.0 + (row * (ny - 20) + rng.uniform(-5, 5)) * scale
+        header["CRPIX1"], header["CRPIX2"] = nx / 2 + 0.5, ny / 2 + 0.5
+        header["CD1_1"], header["CD1_2"] = -pixel * np.cos(angle), pixel * np.sin(angle)
+        header["CD2_1"], header["CD2_2"] = pixel * np.sin(angle), pixel * np.cos(angle)
+        header["EQUINOX"] = 2000.0
+        data = (rng.uniform(-5, 5) + rng.uniform(-0.02, 0.02) * xx + rng.uniform(-0.02, 0.02) * yy
+                + rng.normal(0, 1.0, (ny, nx)))
+        for _ in range(5):
+            sy, sx = rng.uniform(0, ny), rng.uniform(0, nx)
+            data += 50 * np.exp(-((yy - sy) ** 2 + (xx - sx) ** 2) / 4)
+        data[rng.random((ny, nx)) < 0.01] = np.nan
+        if k % 3 == 2:  # scaled 16-bit integers with BLANK
+            hdu = fits.PrimaryHDU(header=header)
+            raw = np.where(np.isnan(data), -32768, np.round(data / 0.01)).astype(">i2")
+            hdu.data = raw
+            hdu.header["BSCALE"], hdu.header["BZERO"], hdu.header["BLANK"] = 0.01, 0.0, -32768
+        else:
+            hdu = fits.PrimaryHDU(data.astype(">f4" if k % 3 else ">f8"), header=header)
+        hdu.writeto(folder / f"frame{k}.fits")
+
+
+def _ok(result: dict, step: str) -> dict:
+    assert result["status"] == "0", (step, result)
+    return result
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_montage_pipeline_end_to_end(tmp_path: Path, candidate, seed: int) -> None:
+    """Raw frames through Montage's own mImgtbl, mMakeHdr (a rotated template),
+    mProjectPP and mOverlaps; then the candidate's fits.tbl is MontagePy's, plain and
+    level-only, and Montage's mBgModel reads it into the same corrections."""
+    raw, projdir = tmp_path / "raw", tmp_path / "projected"
+    raw.mkdir()
+    projdir.mkdir()
+    _raw_frames(raw, seed)
+    _ok(montage.mImgtbl(str(raw), str(tmp_path / "raw.tbl")), "mImgtbl")
+    _ok(montage.mMakeHdr(str(tmp_path / "raw.tbl"), str(tmp_path / "template.hdr")), "mMakeHdr")
+    for frame in sorted(raw.iterdir()):
+        _ok(montage.mProjectPP(str(frame), str(projdir / frame.name), str(tmp_path / "template.hdr")),
+            f"mProjectPP {frame.name}")
+    _ok(montage.mImgtbl(str(projdir), str(tmp_path / "images.tbl")), "mImgtbl")
+    overlaps = _ok(montage.mOverlaps(str(tmp_path / "images.tbl"), str(tmp_path / "diffs.tbl")), "mOverlaps")
+    assert overlaps["count"] >= 7
+    for level_only in (False, True):
+        runs = {}
+        for name, function in (("montage", montage.mDiffFitExec), ("candidate", candidate)):
+            out = tmp_path / f"{name}-{level_only}"
+            out.mkdir()
+            result = function(str(projdir), str(tmp_path / "diffs.tbl"), str(tmp_path / "template.hdr"),
+                              str(out), str(out / "fits.tbl"), levelOnly=level_only)
+            _ok(montage.mBgModel(str(tmp_path / "images.tbl"), str(out / "fits.tbl"),
+                                 str(out / "corrections.tbl")), "mBgModel")
+            runs[name] = (result, (out / "fits.tbl").read_text(), (out / "corrections.tbl").read_text())
+        want, got = runs["montage"], runs["candidate"]
+        assert want[0]["diff_failed"] + want[0]["fit_failed"] < want[0]["count"]
+        assert compare_results(want[0], got[0]) == ""
+        assert compare_fits_tbl(want[1], got[1]) == ""
+        assert len(got[2].splitlines()) == 1 + 6  # header, a correction for every image
+        assert got[2] == want[2]
