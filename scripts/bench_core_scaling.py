@@ -37,20 +37,21 @@ def _fits(pixels, count: int) -> None:
         _fit_kernel(*pixels, False, N_ITERATIONS, False)
 
 
-def measure(fits_per_thread: int) -> float:
-    """Throughput of two threads over one thread, for the same work per thread."""
+def measure(fits_per_thread: int, threads: int = 2) -> float:
+    """Throughput of ``threads`` threads over one thread, for the same work per thread."""
     pixels = _pixels()
     start = time.perf_counter()
     _fits(pixels, fits_per_thread)
     one = time.perf_counter() - start
-    threads = [threading.Thread(target=_fits, args=(pixels, fits_per_thread)) for _ in range(2)]
+    workers = [threading.Thread(target=_fits, args=(pixels, fits_per_thread))
+               for _ in range(threads)]
     start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    two = time.perf_counter() - start
-    return 2.0 * one / two
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    many = time.perf_counter() - start
+    return threads * one / many
 
 
 def main(argv: list[str] | None = None) -> int:

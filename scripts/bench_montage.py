@@ -5,7 +5,10 @@ own generator, warms the file cache, then runs MontagePy's mDiffFitExec and diff
 fresh processes, interleaved (M D D1 M D D1 ...), checks that every diffit fits.tbl is
 identical to Montage's, and prints median wall time, the ratio, pairs per second and
 the peak resident memory of each whole process tree (workers included). It also runs
-diffit with one worker, for the 1 -> N worker scaling.
+diffit with one worker, for the 1 -> N worker scaling, and in every round measures this
+machine's own 1 -> N ceiling at that moment (``bench_core_scaling``: diffit's compiled fit
+kernel on N threads, pure compute), so that the scaling can be read against what the
+machine gave while it was measured: on a shared VM that ceiling moves from round to round.
 
 Usage::
 
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_core_scaling  # noqa: E402
 from proctree import measure  # noqa: E402
 
 MONTAGE = ("import sys; from MontagePy.main import mDiffFitExec as m; "
@@ -101,6 +105,7 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
     one = first_pair_table(diffs, root / "first-pair.tbl")
     one_pair = [str(projdir), str(one), str(template), str(root / "ddiffs"), str(root / "one.tbl")]
     startup = []
+    ceiling = []
     for _ in range(repeats):
         for key, code, extra in (("montage", MONTAGE, []), (f"diffit_j{jobs}", DIFFIT, [str(jobs)]),
                                  ("diffit_j1", DIFFIT, ["1"])):
@@ -114,6 +119,7 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
             if key == "montage":
                 reference = output.read_text()
         startup.append(run_tool(DIFFIT, [*one_pair, "1"]).seconds)
+        ceiling.append(bench_core_scaling.measure(150, threads=jobs))
     median = {key: statistics.median(values) for key, values in times.items()}
     # Each round's own 1 -> N ratio (its two runs are seconds apart, so slow drifts of the
     # machine's speed cancel out), beside the ratio of the medians.
@@ -130,6 +136,7 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
         "speedup_vs_montage_1_worker": median["montage"] / median["diffit_j1"],
         "scaling_1_to_n_workers": median["diffit_j1"] / median[f"diffit_j{jobs}"],
         "diffit_one_pair_seconds": statistics.median(startup),
+        "core_ceiling_per_round": ceiling,
         "identical_output": True,
     }
 
@@ -169,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
               f" 1 -> {args.jobs} workers round by round: "
               + ", ".join(f"{x:.2f}x" for x in rounds)
               + f" (median {statistics.median(rounds):.2f}x)")
+        ceiling = sorted(r["core_ceiling_per_round"])
+        print(f"{r['tiles']} tiles: this machine's own 1 -> {args.jobs} core ceiling in the same rounds"
+              f" (compiled fit kernel, pure compute): "
+              + ", ".join(f"{x:.2f}x" for x in ceiling)
+              + f" (median {statistics.median(ceiling):.2f}x)")
     if args.json:
         meta = {"python": platform.python_version(), "machine": platform.machine(),
                 "cpus": os.cpu_count(), "jobs": args.jobs, "repeats": args.repeats,
