@@ -1,8 +1,8 @@
 """Reading image windows from FITS files (the only module that opens input images).
 
 An :class:`ImageReader` opens each file once, keeps a small LRU cache of open files
-(a worker's pairs share images), and reads only the requested window: memory-mapped
-for plain files, tile by tile for tile-compressed (``.fits.fz``) images, whole and once
+(a worker's pairs share images), and reads only the requested window: the rows it spans
+for plain files (one GIL-free compiled call, :mod:`diffit._fitsread`), tile by tile for tile-compressed (``.fits.fz``) images, whole and once
 for gzip- or bzip2-compressed files (recognised by their content, whatever their name;
 a stream cannot be windowed). Pixel values are
 converted as CFITSIO converts them for Montage: ``raw*BSCALE + BZERO`` in double
