@@ -2,12 +2,12 @@
 
 An :class:`ImageReader` opens each file once, keeps a small LRU cache of open files
 (a worker's pairs share images), and reads only the requested window: the rows it spans
-for plain files (one GIL-free compiled call, :mod:`diffit._fitsread`), tile by tile for tile-compressed (``.fits.fz``) images, whole and once
-for gzip- or bzip2-compressed files (recognised by their content, whatever their name;
-a stream cannot be windowed). Pixel values are
-converted as CFITSIO converts them for Montage: ``raw*BSCALE + BZERO`` in double
-precision, with integer ``BLANK`` values becoming NaN, and only the first plane of a
-cube.
+for plain files (one GIL-free compiled call, :mod:`diffit._fitsread`), tile by tile for
+tile-compressed (``.fits.fz``) images, whole and once for gzip- or bzip2-compressed
+files (recognised by their content, whatever their name; a stream cannot be windowed).
+Pixel values are converted as CFITSIO converts them for Montage: ``raw*BSCALE + BZERO``
+in double precision, with integer ``BLANK`` values becoming NaN, and only the first
+plane of a cube.
 
 A plain file whose primary header is standard (see :mod:`diffit.fitsheader`) is opened
 without astropy: its header is parsed directly and its data offset computed, which is
