@@ -25,13 +25,15 @@ import numpy as np
 #
 # Each operation is the IEEE operation on each of the two lanes, so it gives exactly the
 # doubles of two scalar operations: SSE2 on x86-64 (which every x86-64 CPU has), a plain
-# struct elsewhere. "Keep" weights are 1.0 for a pixel whose residual is not above the
-# limit (NaN is never above it) and 0.0 otherwise; a masked value is the value or +0.
+# struct elsewhere (and when built with -DDIFFIT_PORTABLE_PAIRS, as a test does to check
+# it). "Keep" weights are 1.0 for a pixel whose residual is not above the limit (NaN is
+# never above it) and 0.0 otherwise; a masked value is the value or +0.
 # ---------------------------------------------------------------------------------------
 
 cdef extern from *:
     """
-    #if defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64)
+    #if (defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64)) \
+        && !defined(DIFFIT_PORTABLE_PAIRS)
     #include <emmintrin.h>
     typedef __m128d diffit_pair;
     static inline diffit_pair diffit_pair_load(const double *p) {

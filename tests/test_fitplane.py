@@ -541,3 +541,59 @@ def test_exact_path_choice() -> None:
         assert exact_scale_bits(xs, ys) == want, (case, xs, ys)
         chosen.add(want)
     assert -1 in chosen and len(chosen) > 20
+
+
+# ---------------------------------------------------------------------------------------
+# The portable pair type (machines without SSE2, e.g. ARM) against the same reference.
+#
+# x86-64 builds always take the SSE2 branch, so the plain-struct branch is compiled here
+# on purpose (``-DDIFFIT_PORTABLE_PAIRS``, with the real setup.py and its strict
+# floating-point flags) and must give the same doubles.
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def portable_fit_kernel(tmp_path_factory):
+    import importlib.util
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import diffit
+
+    repo = Path(__file__).resolve().parents[1]
+    build = tmp_path_factory.mktemp("portable")
+    (build / "diffit").mkdir()
+    shutil.copy(Path(diffit.__file__).parent / "_fitplane.pyx", build / "diffit")
+    env = dict(os.environ, CFLAGS=(os.environ.get("CFLAGS", "") + " -DDIFFIT_PORTABLE_PAIRS"))
+    done = subprocess.run([sys.executable, str(repo / "setup.py"), "-q", "build_ext", "--inplace"],
+                          cwd=build, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "DIFFIT_PORTABLE_PAIRS" in (build / "diffit" / "_fitplane.c").read_text()
+    (library,) = (build / "diffit").glob("_fitplane.*.so")
+    spec = importlib.util.spec_from_file_location("portable._fitplane", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fit_kernel
+
+
+def test_portable_pairs_give_the_same_doubles(portable_fit_kernel) -> None:
+    rng = np.random.default_rng(4000)
+    compared = 0
+    for case in range(600):
+        ny, nx = (int(v) for v in rng.integers(1, 60, 2))
+        crpix1, crpix2 = (float(rng.choice(CRPIX_CHOICES)) for _ in range(2))
+        image = random_image(rng, ny, nx, crpix1, crpix2)
+        xs, ys, zs = _valid_pixels(np.ascontiguousarray(image), crpix1, crpix2)
+        for level_only in (False, True):
+            for stop_early in (False, True):
+                args = (xs, ys, zs, level_only, N_ITERATIONS, stop_early)
+                want = _fit_kernel_reference(*args)
+                got = portable_fit_kernel(*args)
+                assert len(got) == len(want)
+                for index, (w, g) in enumerate(zip(want, got)):
+                    assert np.array_equal(w, g, equal_nan=True), (case, index, want, got)
+                    assert np.signbit(w) == np.signbit(g) or np.isnan(w), (case, index)
+                compared += want[0] == 0
+    assert compared > 1000  # most cases are successful fits, not early failures
