@@ -13,6 +13,7 @@ multiply-adds or to reassociate, so the doubles are Montage's.
 The kernels run without the GIL (worker threads difference pairs concurrently); every
 array they return is allocated before the GIL is released.
 """
+from libc.float cimport DBL_MIN
 from libc.math cimport fabs, isfinite
 from libc.stdint cimport int32_t, int64_t
 
@@ -230,6 +231,12 @@ def difference_kernel(const flux_t[:, :] flux1, const area_t[:, :] area1,
     return row_starts_array, imin, imax, jmin, jmax, n, n_finite
 
 
+cdef inline double _read_back(double z) noexcept nogil:
+    """A finite difference value as mFitplane reads it back from mDiff's file: CFITSIO
+    turns a zero of either sign and a subnormal value (exponent bits all zero) into +0.0."""
+    return 0.0 if fabs(z) < DBL_MIN else z
+
+
 cdef Py_ssize_t _fill_coordinates(const int32_t[::1] cols, const double[::1] values,
                                   const int64_t[::1] row_starts, Py_ssize_t imin,
                                   Py_ssize_t jmin, Py_ssize_t jmax, double crpix1,
@@ -252,6 +259,7 @@ cdef Py_ssize_t _fill_coordinates(const int32_t[::1] cols, const double[::1] val
             for k in range(start, end):
                 xs[k] = (cols[k] - imin) - crpix1
                 ys[k] = y
+                zs[k] = _read_back(values[k])
             if end > start:
                 first = cols[start] - imin
                 last = cols[end - 1] - imin
@@ -262,7 +270,7 @@ cdef Py_ssize_t _fill_coordinates(const int32_t[::1] cols, const double[::1] val
                     i = cols[k] - imin
                     xs[p] = i - crpix1
                     ys[p] = y
-                    zs[p] = z
+                    zs[p] = _read_back(z)
                     p += 1
                     if first < 0:
                         first = i
@@ -283,8 +291,9 @@ def coordinates(const int32_t[::1] cols, const double[::1] values,
 
     Fills ``xs``, ``ys``, ``zs`` with ``x = i - crpix1``, ``y = j - crpix2`` (the
     integer column ``i`` and row ``j`` of the trimmed image, as mFitplane computes them)
-    and the values of the finite kept pixels, in scan order. When ``all_finite`` (every
-    kept value is finite) ``zs`` is left alone: the values are then ``values`` itself.
+    and the values of the finite kept pixels, in scan order, as mFitplane reads them
+    back from the difference file (zeros and subnormal values as +0.0). ``all_finite``
+    (every kept value is finite) lets the loop skip the finiteness test.
 
     Parameters
     ----------

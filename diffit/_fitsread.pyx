@@ -12,7 +12,10 @@ The conversion is :func:`diffit.fitsio._to_physical`'s, value for value: unscale
 floating-point pixels keep their precision (float32 stays float32), everything else
 becomes ``double(raw) * BSCALE + BZERO`` (the scaling only when it is not the identity,
 two roundings as in numpy, never a fused multiply-add), and integer pixels equal to
-``BLANK`` become NaN.
+``BLANK`` become NaN. Floating-point pixels are screened as CFITSIO screens them when
+Montage reads an image (with a null value): a NaN or infinity becomes NaN, and a zero of
+either sign or a subnormal value (exponent bits all zero) becomes +0.0, or BZERO when
+the image is scaled.
 """
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.math cimport NAN
@@ -187,15 +190,34 @@ cdef inline int64_t _raw_integer(const uint8_t *p, int bitpix) noexcept nogil:
     return <int64_t>_load64(p)
 
 
+# CFITSIO's screen of a big-endian float's most significant 16 bits (its ``fnan`` and
+# ``dnan``): 1 when the exponent bits are all ones (NaN, infinity), 2 when they are all
+# zero (a zero or a subnormal value), else 0.
+cdef inline int _float_class(const uint8_t *p, int bitpix) noexcept nogil:
+    cdef uint16_t mask = 0x7F80 if bitpix == -32 else 0x7FF0
+    cdef uint16_t bits = _load16(p) & mask
+    if bits == mask:
+        return 1
+    if bits == 0:
+        return 2
+    return 0
+
+
 cdef void _convert_float32(const uint8_t *band, Py_ssize_t row_bytes, Py_ssize_t col0,
                            float[:, ::1] out) noexcept nogil:
     cdef Py_ssize_t r, c
     cdef const uint8_t *p
     cdef uint32_t u32
+    cdef uint32_t exponent
     for r in range(out.shape[0]):
         p = band + r * row_bytes + col0 * 4
         for c in range(out.shape[1]):
             u32 = _load32(p + 4 * c)
+            exponent = u32 & 0x7F800000
+            if exponent == 0:
+                u32 = 0  # +0.0
+            elif exponent == 0x7F800000:
+                u32 = 0x7FC00000  # NaN
             memcpy(&out[r, c], &u32, 4)
 
 
@@ -206,15 +228,22 @@ cdef void _convert_double(const uint8_t *band, Py_ssize_t row_bytes, Py_ssize_t 
     cdef Py_ssize_t size = bitpix // 8 if bitpix > 0 else -bitpix // 8
     cdef const uint8_t *p
     cdef double value
+    cdef int special
     for r in range(out.shape[0]):
         p = band + r * row_bytes + col0 * size
         for c in range(out.shape[1]):
-            value = _raw_value(p, bitpix)
-            if scaled:
-                value = value * scale
-                value = value + zero
-            if has_blank and _raw_integer(p, bitpix) == blank:
+            special = _float_class(p, bitpix) if bitpix < 0 else 0
+            if special == 1:
                 value = NAN
+            elif special == 2:
+                value = zero if scaled else 0.0
+            else:
+                value = _raw_value(p, bitpix)
+                if scaled:
+                    value = value * scale
+                    value = value + zero
+                if has_blank and _raw_integer(p, bitpix) == blank:
+                    value = NAN
             out[r, c] = value
             p += size
 

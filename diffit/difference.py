@@ -174,8 +174,6 @@ class KeptPixels:
         rows, lo, hi, nrow = _difference.coordinates(
             self.cols, self.values, self.row_starts, self.imin, self.jmin, self.jmax,
             float(crpix1), float(crpix2), all_finite, xs, ys, zs)
-        if all_finite:
-            zs = self.values  # already the values of the finite pixels, in scan order
         return xs[:n], ys[:n], zs[:n], rows[:nrow], lo[:nrow], hi[:nrow]
 
     def images(self) -> Difference:

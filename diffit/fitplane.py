@@ -70,11 +70,15 @@ def _valid_pixels(
     """Coordinates and values of the finite pixels, in scan order.
 
     ``x = i - crpix1`` and ``y = j - crpix2`` (0-based column ``i``, row ``j``), each
-    the double nearest to the difference, as Montage computes them.
+    the double nearest to the difference, as Montage computes them. The values are as
+    mFitplane reads them from a file holding ``image``: CFITSIO turns zeros of either
+    sign and subnormal values into +0.0.
     """
     finite = np.isfinite(image)
     rows, cols = np.nonzero(finite)  # both in C (scan) order, as the mask indexing below
-    return cols - float(crpix1), rows - float(crpix2), image[finite]
+    values = image[finite]
+    values[np.abs(values) < np.finfo(np.float64).tiny] = 0.0
+    return cols - float(crpix1), rows - float(crpix2), values
 
 
 def fit_plane(
@@ -90,7 +94,8 @@ def fit_plane(
     Parameters
     ----------
     image : numpy.ndarray
-        Difference image (2-D); NaN and infinite pixels are blank.
+        Difference image (2-D); NaN and infinite pixels are blank, zeros and subnormal
+        values count as +0.0 (as mFitplane reads them from a file).
     crpix1, crpix2 : float
         Reference pixel of the image (as read back from its FITS header).
     level_only : bool, optional

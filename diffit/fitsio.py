@@ -439,12 +439,28 @@ def _to_physical(image: OpenImage, raw: np.ndarray) -> np.ndarray:
     Unscaled floating-point pixels are returned in their own precision, in native byte
     order (a fresh array): single-precision values widen to double exactly wherever
     they are used, so there is no need to spend twice the memory traffic on them here.
+    Floating-point pixels are screened as CFITSIO screens them when Montage reads an
+    image: NaN and infinities become NaN, zeros of either sign and subnormal values
+    become +0.0 (BZERO when the image is scaled).
     """
-    if raw.dtype.kind == "f" and image.scale == 1.0 and image.zero == 0.0:
-        return raw.astype(raw.dtype.newbyteorder("="))
-    values = np.asarray(raw, dtype=np.float64)
-    if image.scale != 1.0 or image.zero != 0.0:
+    scaled = image.scale != 1.0 or image.zero != 0.0
+    if raw.dtype.kind == "f":
+        native = raw.astype(raw.dtype.newbyteorder("="))
+        with np.errstate(invalid="ignore"):
+            underflow = np.abs(native) < np.finfo(native.dtype).tiny  # NaN: False
+        blank = ~np.isfinite(native)
+        if not scaled:
+            native[underflow] = 0.0
+            native[blank] = np.nan
+            return native
         with np.errstate(all="ignore"):  # an absurd BSCALE overflows to inf, quietly
+            values = native.astype(np.float64) * image.scale + image.zero
+        values[underflow] = image.zero
+        values[blank] = np.nan
+        return values
+    values = np.asarray(raw, dtype=np.float64)
+    if scaled:
+        with np.errstate(all="ignore"):
             values = values * image.scale + image.zero
     elif values is raw:
         values = values.copy()

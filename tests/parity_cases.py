@@ -24,8 +24,9 @@ Two kinds of group are generated:
   listed as both plus and minus, images touching the template's last column/row or
   covering it with margin on all four sides, non-integer CRPIX offsets on both sides of
   zero, ``.fit`` difference names, image names with ``./``, a sub-folder or no ``.fits``
-  extension, missing image and area files, BLANK/BSCALE/BZERO integer data, cubes and
-  area images with a NaN pixel, and area-weighting groups (unequal area levels, low
+  extension, missing image and area files, BLANK/BSCALE/BZERO integer data, cubes,
+  zeros of either sign and subnormal values in flux and area images (CFITSIO reads them
+  as 0), area images with a NaN pixel, and area-weighting groups (unequal area levels, low
   columns, zero and negative areas) for the 0.333 coverage rule. The edge and formats
   groups are each run plain, with ``levelOnly`` and with ``noAreas``.
 
@@ -326,6 +327,7 @@ class _GroupBuilder:
               valid: np.ndarray | None = None, sigma: float | None = None,
               dtype: str = "f4", planes: int = 0, outliers: int = 0, blobs: int = 0,
               infs: int = 0, nan_fraction: float = 0.0, holes: int = 0,
+              tiny: int = 0, underflow: bool = False,
               area: np.ndarray | str | None = None, area_planes: bool = False,
               listed: str | None = None, missing: bool = False) -> _Image:
         """Write one image cut from the template grid and return its record.
@@ -353,6 +355,11 @@ class _GroupBuilder:
             Numbers of +/-50 sigma pixels, cosmic-ray blobs, +/-inf pixels, round holes.
         nan_fraction : float, optional
             Fraction of isolated NaN pixels.
+        tiny : int, optional
+            Number of float pixels set to zeros of either sign and subnormal values of
+            the pixel type (CFITSIO reads them all as 0).
+        underflow : bool, optional
+            Scale a float image's values down into the subnormal range.
         area : ndarray or "missing", optional
             Area image (default: random, see :meth:`random_area`). Ignored in noAreas groups.
         area_planes : bool, optional
@@ -392,6 +399,13 @@ class _GroupBuilder:
         data[~mask] = np.nan
         for _ in range(infs):
             data[rng.integers(ny), rng.integers(nx)] = rng.choice([np.inf, -np.inf])
+        if dtype in ("f4", "f8"):
+            smallest = float(np.finfo(np.float32 if dtype == "f4" else np.float64).smallest_subnormal)
+            if underflow:
+                data = data * (smallest * 2.0 ** 16)
+            for _ in range(tiny):
+                data[rng.integers(ny), rng.integers(nx)] = rng.choice(
+                    [0.0, -0.0, smallest, -smallest, smallest * 1000.0, -smallest * 2.0 ** 20])
         header = fits.Header()
         header["CTYPE1"] = "RA---TAN"
         header["CTYPE2"] = "DEC--TAN"
@@ -636,7 +650,7 @@ def _edge_group(plan: GroupPlan, root: Path, rng: np.random.Generator) -> Parity
 
 
 def _formats_group(plan: GroupPlan, root: Path, rng: np.random.Generator) -> ParityGroup:
-    """Pixel types, cubes, BLANK, inf, NaN areas, odd names, missing files."""
+    """Pixel types, cubes, BLANK, inf, zeros and subnormals, NaN areas, odd names, missing files."""
     tn1, tn2 = 110, 96
     b = _GroupBuilder(root, plan.name, rng, tn1, tn2, 55.25, 47.9, plan.noAreas, plan.levelOnly, plan.keep_all)
 
@@ -666,8 +680,20 @@ def _formats_group(plan: GroupPlan, root: Path, rng: np.random.Generator) -> Par
     noext = img(listed="q_noext")  # Montage opens q_noext.fits and q_noext_area.fits
     missing_area = img(area="missing")
     missing = img(missing=True)
-    for other in (f8, i2, u2, cube1, cube2, cube_i2, infs, dotted, subdir, noext):
+    # Zeros and subnormal values, which CFITSIO reads as +0 (flux and area images).
+    tiny4 = img(dtype="f4", tiny=60)
+    tiny8 = img(dtype="f8", tiny=60, rotated=True)
+    under4 = img(dtype="f4", underflow=True)
+    under8 = img(dtype="f8", underflow=True)
+    tiny_area = np.full((ny, nx), 1.0)
+    tiny_area[rng.random((ny, nx)) < 0.3] = float(np.finfo(np.float64).smallest_subnormal) * 7
+    tiny_area[rng.random((ny, nx)) < 0.05] = -0.0
+    subnormal_area = b.image(35, 25, nx, ny, area=tiny_area)
+    for other in (f8, i2, u2, cube1, cube2, cube_i2, infs, dotted, subdir, noext, tiny4, tiny8,
+                  under4, under8, subnormal_area):
         b.pair(base, other, "format")
+    b.pair(tiny8, under8, "format")
+    b.pair(under4, under8, "format")
     b.pair(i2, u2, "format")
     b.pair(cube2, cube_i2, "format")
     b.pair(i2, cube_i2, "format", fit_name=True)
@@ -727,10 +753,10 @@ def plan_parity_groups(seed: int, n_pairs: int = 220) -> list[GroupPlan]:
     -------
     list of GroupPlan
         Three edge groups (plain, levelOnly, noAreas; 22 pairs each), three formats
-        groups (plain, levelOnly, noAreas; 17 pairs each), two areas groups (plain,
+        groups (plain, levelOnly, noAreas; 34 pairs each), two areas groups (plain,
         levelOnly; about 20 pairs each), then ``ceil(0.75 * n_pairs / 10)`` random groups
         of :data:`PAIRS_PER_RANDOM_GROUP` pairs (plain, levelOnly, noAreas and both, in
-        turn). The default gives 25 groups and about 330 pairs.
+        turn). The default gives 25 groups and about 380 pairs.
     """
     fixed = [("edge", False, False, True), ("edge", True, False, False), ("edge", False, True, True),
              ("formats", False, False, True), ("formats", True, False, False), ("formats", False, True, True),

@@ -409,12 +409,48 @@ def test_row_band_and_memory_map_reads_agree(tmp_path: Path, fmt: str, monkeypat
 
 
 def test_unscaled_float_images_keep_their_precision(tmp_path: Path) -> None:
-    """Single-precision pixels come back as float32 (widening later is exact), -0.0 kept."""
+    """Single-precision pixels come back as float32 (widening later is exact)."""
     data = _physical(np.random.default_rng(10)).astype(np.float32)
-    data[0, 5] = -0.0
     for fmt, dtype in (("f4", np.float32), ("f8", np.float64)):
         path = write_hdu(image_hdu(data, wcs_header(0, 0), fmt), tmp_path / f"{fmt}.fits")
         window = _window(path, slice(0, 30), slice(0, 40))
         assert window.dtype == dtype and window.flags.c_contiguous
         np.testing.assert_array_equal(window, data.astype(dtype))
-        assert np.signbit(window[0, 5])
+
+
+@pytest.mark.parametrize("fmt", ["f4", "f8"])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("path_kind", ["band", "mapped", "gzip"])
+def test_float_pixels_are_screened_as_cfitsio_does(tmp_path: Path, monkeypatch, fmt, scaled,
+                                                   path_kind) -> None:
+    """As Montage reads images (CFITSIO with a null value): NaN and infinities become
+    NaN; zeros of either sign and subnormal values become +0.0, or BZERO when scaled;
+    the smallest normal values are kept."""
+    dtype = np.dtype(fmt)
+    tiny = float(np.finfo(dtype).tiny)
+    specials = [-0.0, 0.0, tiny / 2, -tiny / 4, float(np.nextafter(dtype.type(tiny), dtype.type(0))),
+                tiny, -tiny, np.inf, -np.inf, np.nan, 1.5]
+    data = np.full((6, 40), 2.0, dtype=dtype)
+    data[2, :len(specials)] = specials
+    header = wcs_header(0, 0)
+    if scaled:
+        header["BSCALE"] = 2.0
+        header["BZERO"] = -3.0
+    hdu = fits.PrimaryHDU(data.astype(">" + fmt), header=header)
+    if scaled:  # astropy would rescale the data on writing: keep the raw values as given
+        hdu.header["BSCALE"] = 2.0
+        hdu.header["BZERO"] = -3.0
+    name = tmp_path / ("img.fits.gz" if path_kind == "gzip" else "img.fits")
+    hdu.writeto(name, output_verify="silentfix")
+    if path_kind == "mapped":
+        monkeypatch.setattr(diffit.fitsio, "_BAND_FACTOR", 0)
+        monkeypatch.setattr(diffit.fitsio, "_BAND_BYTES", 0)
+    with ImageReader() as reader:
+        window = read_window(reader.get(str(name)), slice(2, 3), slice(0, 20))[0]
+    scale, zero = (2.0, -3.0) if scaled else (1.0, 0.0)
+    want = [zero, zero, zero, zero, zero, tiny * scale + zero, -tiny * scale + zero,
+            np.nan, np.nan, np.nan, 1.5 * scale + zero]
+    got = [float(v) for v in window[:len(specials)]]
+    np.testing.assert_array_equal(got, want)
+    if not scaled:
+        assert not any(np.signbit(v) for v in got[:5])  # +0.0, never -0.0

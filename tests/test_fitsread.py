@@ -1,6 +1,7 @@
 """The compiled window reader (``diffit._fitsread``): the same values as numpy's
-conversion of the raw data for every BITPIX, scaling and BLANK, any window; errors as
-exceptions the caller words; file signatures as :func:`os.stat` gives them."""
+conversion of the raw data (with CFITSIO's screen of float pixels) for every BITPIX,
+scaling and BLANK, any window; errors as exceptions the caller words; file signatures as
+:func:`os.stat` gives them."""
 from __future__ import annotations
 
 import os
@@ -23,10 +24,26 @@ def write_raw(path: Path, raw: np.ndarray, offset: int = 2880, tail: int = 0) ->
     return len(data)
 
 
+def cfitsio_classes(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CFITSIO's screen of float pixels, from their bits: (NaN or infinity, zero or subnormal)."""
+    if raw.dtype.kind != "f":
+        none = np.zeros(raw.shape, dtype=bool)
+        return none, none
+    bits = raw.view(">u4" if raw.dtype.itemsize == 4 else ">u8").astype(np.uint64)
+    mask = np.uint64(0x7F800000 if raw.dtype.itemsize == 4 else 0x7FF0000000000000)
+    exponent = bits & mask
+    return exponent == mask, exponent == 0
+
+
 def reference(raw: np.ndarray, scale: float, zero: float, blank: int | None) -> np.ndarray:
-    """numpy's conversion, as ``diffit.fitsio._to_physical`` makes it."""
+    """numpy's conversion with CFITSIO's screen of float pixels (NaN and infinities to
+    NaN, zeros and subnormals to +0.0, or BZERO when scaled), as Montage reads images."""
+    nan_or_inf, underflow = cfitsio_classes(raw)
     if raw.dtype.kind == "f" and scale == 1.0 and zero == 0.0:
-        return raw.astype(raw.dtype.newbyteorder("="))
+        values = raw.astype(raw.dtype.newbyteorder("="))
+        values[underflow] = 0.0
+        values[nan_or_inf] = np.nan
+        return values
     values = np.asarray(raw, dtype=np.float64)
     if scale != 1.0 or zero != 0.0:
         with np.errstate(all="ignore"):
@@ -35,13 +52,17 @@ def reference(raw: np.ndarray, scale: float, zero: float, blank: int | None) -> 
         values = values.copy()
     if blank is not None and raw.dtype.kind in "iu":
         values[raw == blank] = np.nan
+    values[underflow] = zero
+    values[nan_or_inf] = np.nan
     return values
 
 
 def raw_values(draw, bitpix: int, shape: tuple[int, int]) -> np.ndarray:
     dtype = np.dtype(BITPIX_DTYPES[bitpix])
     if dtype.kind == "f":
-        special = st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, 3.4e38])
+        tiny = float(np.finfo(dtype).tiny)  # the smallest normal value: kept
+        special = st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-45, 3.4e38,
+                                   tiny, -tiny, tiny * (1 - 2.0 ** -20), 5e-324, -1e-310])
         values = st.one_of(st.floats(width=8 * dtype.itemsize, allow_nan=False), special)
     else:
         info = np.iinfo(dtype)
