@@ -4,8 +4,10 @@ The template is Montage's text header: one FITS card per line. It is validated o
 per run (Montage re-validates it for every pair) and its pixel grid is read the way
 mDiff reads it: the keyword is the first token of the line, the value the next token
 (quotes and ``=`` skipped), converted with C ``atoi``/``atof`` and the last occurrence
-winning. Its cards are parsed with :mod:`diffit.fitsheader` when they are all plain
-standard cards (the usual case), else with astropy, which also words any error.
+winning. Hand-written card layouts that Montage reads (``KEY = value``, ``KEY=value``,
+indented cards, comments that are not ASCII) are first rewritten as standard cards. The
+cards are then parsed with :mod:`diffit.fitsheader` when they are all plain standard
+cards (the usual case), else with astropy, which also words any error.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from diffit.fitsheader import NotSimple, parse_cards
+from diffit.fitsheader import NotSimple, parse_card, parse_cards
 from diffit.fitsio import quiet_astropy
 from diffit.geometry import GridGeometry
 
@@ -140,13 +142,23 @@ def read_template(path: str | os.PathLike) -> Template:
     for keyword in _REQUIRED:
         if keyword not in values:
             raise TemplateError(f"Template file {name}: no {keyword} keyword")
+    for line in lines:  # Montage fails every pair on these (CFITSIO and WCS checks)
+        match = _LOOSE_CARD.match(line)
+        if match is not None and match.group(1) == "SIMPLE":
+            simple = _value_and_comment(match.group(2))[0]
+            if simple not in ("T", "F"):
+                raise TemplateError(
+                    f"Template file {name}: illegal SIMPLE keyword value {simple!r} (must be T or F)")
+    if c_atoi(values["NAXIS"]) < 2:
+        raise TemplateError(f"Template file {name}: NAXIS must be at least 2")
     if not any(k in values for k in _CD_KEYS):
         for keyword in ("CDELT1", "CDELT2"):
             if keyword not in values:
                 raise TemplateError(
                     f"Template file {name}: no {keyword} keyword (or incomplete CD matrix)"
                 )
-    cards = tuple(line for line in lines if line.strip() and line.split()[0] != "END")
+    cards = tuple(card for line in lines if line.strip() and line.split()[0] != "END"
+                  and (card := _standard_card(line)) is not None)
     try:
         header: Any = parse_cards(cards)
     except NotSimple:
@@ -181,6 +193,64 @@ def read_template(path: str | os.PathLike) -> Template:
         raise TemplateError(f"Template file {name}: CRPIX1/CRPIX2 must be finite numbers")
     return Template(path=name, geometry=geometry, header=header,
                     digest=hashlib.sha256(raw).hexdigest(), cards=cards)
+
+
+_LOOSE_CARD = re.compile(r" *([^ =]+) *=(.*)\Z")
+_STANDARD_KEYWORD = re.compile(r"[A-Z0-9_-]{1,8}\Z")
+_COMMENTARY = ("COMMENT", "HISTORY")
+
+
+def _standard_card(line: str) -> str | None:
+    """A template line as a standard FITS card, read the way Montage reads it.
+
+    Montage's template readers (mDiff's and the header check's tokenisers, the WCS
+    library's keyword search) take a keyword after leading blanks and a value after an
+    ``=`` anywhere on the line, and never look at comments. So ``KEY = value``,
+    ``KEY=value`` and indented cards are rewritten in the standard layout, and a comment
+    that is not printable ASCII (a degree sign, say) is dropped. Commentary cards that
+    are not printable ASCII are dropped (None). Lines already standard, and lines of
+    another shape, are returned unchanged for the strict parsers to judge.
+    """
+    try:
+        parse_card(line)
+        return line
+    except NotSimple:
+        pass
+    stripped = line.strip(" ")
+    if stripped.split(" ", 1)[0] in _COMMENTARY:
+        return line if _printable(line) else None
+    match = _LOOSE_CARD.match(line)
+    if match is None or not _STANDARD_KEYWORD.match(match.group(1)):
+        return line
+    keyword, rest = match.groups()
+    value, comment = _value_and_comment(rest)
+    card = f"{keyword:<8}= {value:>20}"
+    if comment and _printable(comment) and len(card) + 3 + len(comment) <= 80:
+        card += " / " + comment
+    return card if len(card) <= 80 and _printable(card) else line
+
+
+def _value_and_comment(text: str) -> tuple[str, str]:
+    """Split what follows a card's ``=`` into its value (a quoted string keeps its
+    quotes, doubled quotes included) and its comment (after a ``/``)."""
+    text = text.strip(" ")
+    if text.startswith("'"):
+        end = 1
+        while True:
+            end = text.find("'", end)
+            if end < 0:
+                return text.rstrip(" ") + "'", ""  # unterminated: close it
+            if text[end + 1:end + 2] == "'":
+                end += 2
+                continue
+            value, rest = text[:end + 1], text[end + 1:].strip(" ")
+            return value, rest[1:].strip(" ") if rest.startswith("/") else rest
+    value, _, comment = text.partition("/")
+    return value.strip(" "), comment.strip(" ")
+
+
+def _printable(text: str) -> bool:
+    return all(" " <= character <= "~" for character in text)
 
 
 def _projection(ctype: str) -> str:
@@ -291,8 +361,10 @@ def pixel_matrix(header) -> tuple[float, float, float, float] | None:
 #: ``-2.7777777777778E-04`` for ``-0.000277777777777778``) still match, while a real
 #: change of scale or rotation (over 1e-6, i.e. 0.01 pixel across 10,000 pixels) does not.
 MATRIX_TOLERANCE = 1e-6
-#: Tolerance on CRVAL, in pixels of the template's scale.
-CRVAL_TOLERANCE_PIXELS = 1e-4
+#: Tolerance on CRVAL, in pixels of the template's scale: a template written with fewer
+#: digits than its images (six decimals of a degree are up to 0.06 pixel of a 0.03"
+#: grid) is the same grid; an image projected onto another grid is off by more.
+CRVAL_TOLERANCE_PIXELS = 0.1
 
 
 def _is_longitude(ctype: object) -> bool:
