@@ -66,9 +66,11 @@ cdef extern from *:
         _close(fd);
     #else
         struct stat info;
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        /* O_NONBLOCK: a FIFO put in the file's place must not hang the worker. */
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
         if (fd < 0) return errno;
         if (fstat(fd, &info) != 0) { status = errno; goto finish; }
+        if (!S_ISREG(info.st_mode)) { status = EINVAL; goto finish; }
         if ((long long)info.st_size < min_size) { status = -1; goto finish; }
         while (done < nbytes) {
             ssize_t got = pread(fd, buffer + done, (size_t)(nbytes - done), (off_t)(offset + done));

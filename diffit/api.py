@@ -1,7 +1,7 @@
 """Python API: a drop-in for ``MontagePy.main.mDiffFitExec`` and the modern ``run``."""
 from __future__ import annotations
 
-
+import os
 
 from diffit.headers import TemplateError
 from diffit.runner import Interrupted, RunError, RunResult, run
@@ -17,7 +17,9 @@ def mDiffFitExec(  # noqa: N802 - Montage's name
     keepAll: bool = False,  # noqa: N803
     levelOnly: bool = False,  # noqa: N803
     noAreas: bool = False,  # noqa: N803
+    archive: str = "",
     debug: int = 0,
+    *,
     jobs: int | None = None,
 ) -> dict:
     """Difference and fit every overlap pair, exactly as MontagePy's mDiffFitExec does.
@@ -36,10 +38,12 @@ def mDiffFitExec(  # noqa: N802 - Montage's name
         Output fits.tbl.
     keepAll, levelOnly, noAreas : bool, optional
         Keep difference images; fit level only; inputs have no area images.
+    archive : str, optional
+        MontagePy's AWS S3 bucket. Not supported: an error status unless empty.
     debug : int, optional
         Print one line per pair (what was done and why a pair failed).
     jobs : int, optional
-        Worker processes (default: all cores). Not in MontagePy.
+        Workers (default: all cores). Keyword only; not in MontagePy.
 
     Returns
     -------
@@ -51,8 +55,19 @@ def mDiffFitExec(  # noqa: N802 - Montage's name
         from diffit.cli import debug_lines
 
         for line in debug_lines(outcome, path or ".", diffdir):
-            print(line, flush=True)
+            try:
+                print(line, flush=True)
+            except UnicodeEncodeError:  # a name that was not valid UTF-8 in the table
+                print(line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), flush=True)
 
+    if archive:
+        return {"status": "1", "msg": b"archive (AWS S3) is not supported by diffit:"
+                                      b" copy the images to a local or shared folder"}
+    try:
+        path, tblfile, template, diffdir, fitfile = (
+            os.fsdecode(p) if p is not None else p for p in (path, tblfile, template, diffdir, fitfile))
+    except TypeError as error:
+        return {"status": "1", "msg": f"bad file name argument: {error}".encode()}
     try:
         result: RunResult = run(
             path or ".", tblfile, template, fitfile, diffdir=diffdir or ".",

@@ -4,16 +4,15 @@ from __future__ import annotations
 import argparse
 import csv
 import getopt
-import io
 import logging
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 
 from diffit.config import ConfigError, load_config
 from diffit.headers import TemplateError
+from diffit.outputs import AtomicOutput
 from diffit.pair import PairOutcome, diff_paths, file_path
 from diffit.runner import Interrupted, RunError, RunResult, run
 from diffit.tables import TableError
@@ -47,6 +46,16 @@ def debug_lines(outcome: PairOutcome, projdir: str, diffdir: str) -> list[str]:
     return lines
 
 
+def _tolerate_undecodable_names() -> None:
+    """Let stdout and stderr print names that were not valid in the file system's
+    encoding (read from a table as surrogate escapes) as their original bytes."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError):  # pragma: no cover - a replaced stream
+            pass
+
+
 def _install_sigterm() -> None:
     def handler(signum, frame):
         raise KeyboardInterrupt
@@ -64,6 +73,7 @@ def _install_sigterm() -> None:
 def montage_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mDiffFitExec`` console script (Montage-compatible)."""
     argv = list(sys.argv if argv is None else argv)
+    _tolerate_undecodable_names()
     prog = argv[0] if argv else "mDiffFitExec"
     usage = f'[struct stat="ERROR", msg="{MONTAGE_USAGE.format(prog=prog)}"]'
     try:
@@ -194,21 +204,29 @@ def _settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def write_failures(path: str, failures: list[PairOutcome]) -> None:
-    """Write failed pairs with their reasons as CSV (atomically)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["index", "cntr1", "cntr2", "plus", "minus", "diff", "stage", "reason"])
-    for o in sorted(failures, key=lambda o: o.index):
-        writer.writerow([o.index, o.cntr1, o.cntr2, o.plus, o.minus, o.diff, o.stage, o.reason])
-    directory = os.path.dirname(path) or "."
+def write_failures(output: str | AtomicOutput, failures: list[PairOutcome]) -> None:
+    """Write failed pairs with their reasons as CSV, atomically (names that were not valid
+    UTF-8 in the table are written back as the same bytes).
+
+    Parameters
+    ----------
+    output : str or AtomicOutput
+        The CSV file, or an output already opened for it.
+    failures : list of PairOutcome
+    """
+    path = output if isinstance(output, str) else output.path
     try:
-        handle, temporary = tempfile.mkstemp(prefix=".diffit-", dir=directory)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(buffer.getvalue())
-        os.replace(temporary, path)
+        if isinstance(output, str):
+            output = AtomicOutput(output)
+        writer = csv.writer(output.stream, lineterminator="\n")
+        writer.writerow(["index", "cntr1", "cntr2", "plus", "minus", "diff", "stage", "reason"])
+        for o in sorted(failures, key=lambda o: o.index):
+            writer.writerow([o.index, o.cntr1, o.cntr2, o.plus, o.minus, o.diff, o.stage, o.reason])
+        output.commit()
     except OSError as error:
-        raise RunError(f"Can't write failures file {path}: {error.strerror}") from None
+        if not isinstance(output, str):
+            output.discard()
+        raise RunError(f"Can't write failures file {path}: {error.strerror or error}") from None
 
 
 def _show_progress(requested: bool | None) -> bool:
@@ -229,10 +247,31 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def _run_settings(s: dict) -> int:
     backend = s.get("backend", "threads")
+    if s.get("scheduler") and backend != "dask":
+        raise ConfigError("--scheduler (a Dask scheduler address) needs --backend dask")
     kwargs = dict(diffdir=s.get("diffdir"), keep_all=s.get("keep_diffs", False),
                   level_only=s.get("level_only", False), no_areas=s.get("no_areas", False),
                   jobs=s.get("jobs"), batch_size=s.get("batch_size"),
                   progress=_show_progress(s.get("progress")), resume=s.get("resume", False))
+    failures = None
+    if s.get("failures"):  # refused before the run, not after fits.tbl is written
+        try:
+            failures = AtomicOutput(s["failures"])
+        except OSError as error:
+            raise RunError(f"Can't write failures file {s['failures']}: {error.strerror or error}") from None
+    try:
+        result = _run_backend(s, backend, kwargs)
+    except BaseException:
+        if failures is not None:
+            failures.discard()
+        raise
+    if failures is not None:
+        write_failures(failures, result.failures)
+    _print_summary(result, s["output"])
+    return 0
+
+
+def _run_backend(s: dict, backend: str, kwargs: dict) -> RunResult:
     if backend == "dask":
         from diffit.distributed import dask_backend
 
@@ -241,10 +280,7 @@ def _run_settings(s: dict) -> int:
                          backend=backend_name, **kwargs)
     else:
         result = _run_with_logging(s, dict(kwargs, backend=backend))
-    if s.get("failures"):
-        write_failures(s["failures"], result.failures)
-    _print_summary(result, s["output"])
-    return 0
+    return result
 
 
 def _run_with_logging(s: dict, kwargs: dict) -> RunResult:
@@ -276,7 +312,12 @@ def _demo_command(args: argparse.Namespace) -> int:
 def _plot_command(args: argparse.Namespace) -> int:
     from diffit.plot import plot_fits
 
-    plot_fits(args.fits, projdir=args.projdir, diffs=args.diffs, output=args.output)
+    if os.path.isdir(args.output):
+        raise RunError(f"Can't write picture {args.output}: Is a directory")
+    try:
+        plot_fits(args.fits, projdir=args.projdir, diffs=args.diffs, output=args.output)
+    except ValueError as error:  # matplotlib: an unknown picture format
+        raise RunError(f"Can't write picture {args.output}: {str(error).splitlines()[0]}") from None
     print(f"wrote {args.output}")
     return 0
 
@@ -284,6 +325,7 @@ def _plot_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffit`` console script."""
     args = _parser().parse_args(argv)
+    _tolerate_undecodable_names()
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="diffit: %(levelname)s: %(message)s")
     _install_sigterm()

@@ -6,7 +6,10 @@ import time
 from pathlib import Path
 
 from diffit.datasets import make_survey
-from diffit.runner import run
+from diffit.runner import RunError, run
+
+#: Most tiles the demo generates (about 0.5 MB each, 50 tiles a second).
+MAX_TILES = 5000
 
 
 def run_demo(directory: str | os.PathLike = "diffit-demo", *, tiles: int = 24, seed: int = 1,
@@ -30,10 +33,26 @@ def run_demo(directory: str | os.PathLike = "diffit-demo", *, tiles: int = 24, s
     -------
     int
         Exit status (0).
+
+    Raises
+    ------
+    RunError
+        Bad arguments, or the folder cannot be written.
     """
+    if not 2 <= tiles <= MAX_TILES:
+        raise RunError(f"the demo needs 2 to {MAX_TILES} tiles (got {tiles})")
+    if seed < 0:
+        raise RunError(f"the seed must be zero or positive (got {seed})")
     directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"Can't create demo folder {directory}: {error.strerror or error}") from None
     start = time.perf_counter()
-    survey = make_survey(directory, n_tiles=tiles, tile_shape=(512, 256), seed=seed)
+    try:
+        survey = make_survey(directory, n_tiles=tiles, tile_shape=(512, 256), seed=seed)
+    except OSError as error:
+        raise RunError(f"Can't write the demo survey in {directory}: {error.strerror or error}") from None
     made = time.perf_counter() - start
     print(f"generated {len(survey.tiles)} tiles ({survey.tiles[0].nx}x{survey.tiles[0].ny} px) "
           f"with {survey.n_pairs} overlaps in {made:.1f} s: {survey.directory}")

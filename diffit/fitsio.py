@@ -39,6 +39,7 @@ import io
 import math
 import mmap
 import os
+import stat
 import threading
 import warnings
 import weakref
@@ -228,12 +229,17 @@ def open_image(path: str) -> OpenImage:
         lacks (or has unusable) NAXISn/CRPIXn/BSCALE/BZERO keywords.
     """
     try:
-        if os.path.isdir(path):
-            raise ImageError(f"{path}: is a directory, not a FITS file")
-        if not os.path.exists(path):
-            raise ImageError(f"{path}: file not found")
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except OSError as error:  # a loop of symbolic links, a file in place of a folder, ...
+        raise ImageError(f"{path}: cannot be opened ({error.strerror or _describe(error)})") from None
     except (TypeError, ValueError):
         raise ImageError(f"{path!r}: not a usable file name") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{path}: is a directory, not a FITS file")
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the worker for ever
+        raise ImageError(f"{path}: not a regular file (a pipe, device or socket)")
     try:
         # Our own file object: astropy leaves a file it opened itself open when it then
         # fails to parse it; this one is closed on every failure.

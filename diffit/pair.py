@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,6 +25,7 @@ from diffit.fitplane import FitError, PlaneFit, fit_pixels
 from diffit.fitsio import ImageError, ImageReader, OpenImage, file_exists, quiet_astropy, read_window
 from diffit.geometry import overlap_window
 from diffit.headers import Template, grid_mismatch, template_fits_header
+from diffit.outputs import write_atomically
 from diffit.tables import OverlapPair, format_fit_row
 
 log = logging.getLogger(__name__)
@@ -298,16 +298,12 @@ def write_fits_atomically(hdu, path: str) -> None:
     """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".diffit-", suffix=".fits", dir=directory)
-    os.close(handle)
-    try:
+
+    def write(name: str) -> None:
         with quiet_astropy():  # template cards astropy would "fix" noisily
-            hdu.writeto(temporary, overwrite=True, output_verify="silentfix")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+            hdu.writeto(name, overwrite=True, output_verify="silentfix")
+
+    write_atomically(path, write, binary=True)
 
 
 def _describe(error: BaseException) -> str:

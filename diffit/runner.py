@@ -9,17 +9,19 @@ an interrupted run resumable; fits.tbl itself appears only at the end, by a rena
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 
 from diffit.allocator import keep_freed_memory
 from diffit.fitsio import ImageReader
+from diffit.outputs import AtomicOutput, destination
 from diffit.headers import Template, read_template
 from diffit.pair import PairOptions, PairOutcome, process_pair
 from diffit.tables import FITS_TBL_HEADER, OverlapPair, iter_overlap_table
@@ -165,6 +167,18 @@ class _JournalOutcome(PairOutcome):
         return self.stored_row
 
 
+_RECORD_TYPES = {"index": (int,), "stage": (str,), "reason": (str, type(None)),
+                 "row": (str, type(None)), "cntr1": (int,), "cntr2": (int,), "plus": (str,),
+                 "minus": (str,), "diff": (str,)}
+
+
+def _valid_record(record: object) -> bool:
+    """A journal line as :func:`_outcome_record` writes it."""
+    return (isinstance(record, dict)
+            and all(isinstance(record.get(key, ...), types) for key, types in _RECORD_TYPES.items())
+            and record["stage"] in ("ok", "diff", "fit") and record["index"] >= 0)
+
+
 class _Journal:
     """Append-only record of finished pairs, for resuming an interrupted run."""
 
@@ -177,22 +191,30 @@ class _Journal:
         if not os.path.exists(self.path):
             return {}
         done: dict[int, dict] = {}
-        with open(self.path, encoding="utf-8") as stream:
-            first = stream.readline()
-            try:
-                if json.loads(first) != self.signature:
+        corrupt = RunError(f"journal {self.path} is corrupt; remove it")
+        try:
+            with open(self.path, encoding="utf-8") as stream:
+                try:
+                    first = json.loads(stream.readline())
+                except json.JSONDecodeError:
+                    raise corrupt from None
+                if first != self.signature:
                     raise RunError(
                         f"journal {self.path} belongs to a run with other inputs or options;"
                         " remove it or rerun without --resume"
                     )
-            except json.JSONDecodeError:
-                raise RunError(f"journal {self.path} is corrupt; remove it") from None
-            for line in stream:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line from a crash: that batch is redone
-                done[record["index"]] = record
+                for line in stream:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a torn last line from a crash: that batch is redone
+                    if not _valid_record(record):
+                        raise corrupt
+                    done[record["index"]] = record
+        except UnicodeDecodeError:
+            raise corrupt from None
+        except OSError as error:
+            raise RunError(f"Can't read journal {self.path}: {error.strerror or error}") from None
         return done
 
     def open(self, keep: dict[int, dict]) -> None:
@@ -230,53 +252,50 @@ class _Journal:
 
 
 class _OrderedWriter:
-    """Writes rows to a temporary fits.tbl in table order, renamed into place at the end."""
+    """Writes rows to fits.tbl in table order, atomically (see :mod:`diffit.outputs`)."""
 
     def __init__(self, output: str) -> None:
-        directory = os.path.dirname(output) or "."
+        directory = os.path.dirname(destination(output)) or "."
         if not os.path.isdir(directory):
             raise RunError(f"Can't open output file {output}: folder {directory} does not exist")
         try:
-            handle, self.temporary = tempfile.mkstemp(prefix=".diffit-", suffix=".tbl", dir=directory)
+            self.file = AtomicOutput(output, encoding="ascii")
         except OSError as error:
-            raise RunError(f"Can't open output file {output}: {error.strerror}") from None
+            raise RunError(f"Can't open output file {output}: {_reason(error)}") from None
         self.output = output
-        self.stream = os.fdopen(handle, "w", encoding="ascii")
-        self.stream.write(FITS_TBL_HEADER)
+        self.stream = self.file.stream
         self.next_index = 0
         self.pending: dict[int, str | None] = {}
+        self.add_text(FITS_TBL_HEADER)
+
+    def add_text(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+        except OSError as error:  # e.g. ENOSPC when the buffer is flushed
+            raise RunError(f"Can't write output file {self.output}: {_reason(error)}") from None
 
     def add(self, index: int, row: str | None) -> None:
         self.pending[index] = row
-        try:
-            while self.next_index in self.pending:
-                row = self.pending.pop(self.next_index)
-                if row is not None:
-                    self.stream.write(row)
-                self.next_index += 1
-        except OSError as error:  # e.g. ENOSPC when the buffer is flushed
-            raise RunError(f"Can't write output file {self.output}: {error.strerror or error}") from None
+        while self.next_index in self.pending:
+            row = self.pending.pop(self.next_index)
+            if row is not None:
+                self.add_text(row)
+            self.next_index += 1
 
     def commit(self) -> None:
         if self.pending:
             raise RunError("internal error: pairs missing from the results")  # pragma: no cover
         try:
-            self.stream.flush()
-            os.fsync(self.stream.fileno())
-            self.stream.close()
-            os.replace(self.temporary, self.output)
+            self.file.commit()
         except OSError as error:
-            self.discard()
-            raise RunError(f"Can't write output file {self.output}: {error.strerror}") from None
+            raise RunError(f"Can't write output file {self.output}: {_reason(error)}") from None
 
     def discard(self) -> None:
-        try:
-            if not self.stream.closed:
-                self.stream.close()
-        except OSError:  # closing flushes the buffer, which fails again on a full disk
-            pass
-        if os.path.exists(self.temporary):
-            os.remove(self.temporary)
+        self.file.discard()
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
 
 
 def run(
@@ -345,8 +364,16 @@ def run(
     ------
     diffit.tables.TableError, diffit.headers.TemplateError, RunError, Interrupted
     """
-    projdir, diffs, template_path, output = (os.fspath(p) for p in (projdir, diffs, template, output))
-    diffdir = os.fspath(diffdir) if diffdir is not None else "."
+    projdir, diffs, template_path, output = (
+        _file_name(p, what) for p, what in ((projdir, "image folder"), (diffs, "overlap table"),
+                                            (template, "template"), (output, "output file")))
+    diffdir = _file_name(diffdir, "diff folder") if diffdir is not None else "."
+    if batch_size is not None and batch_size < 1:
+        raise RunError(f"batch size must be at least 1 (got {batch_size})")
+    if jobs is not None and jobs > MAX_JOBS:
+        raise RunError(f"jobs must be at most {MAX_JOBS} (got {jobs})")
+    backend = backend or "threads"
+    _check_backend(backend)
     total = _count_records(diffs)  # validates the table (TableError) before anything else
     parsed_template = read_template(template_path)
     if keep_all:
@@ -357,11 +384,14 @@ def run(
     options = PairOptions(projdir=projdir, diffdir=diffdir, keep_all=keep_all,
                           level_only=level_only, no_areas=no_areas)
     jobs = default_jobs() if not jobs or jobs < 0 else jobs
-    backend = backend or "threads"
+    if backend not in BACKENDS:  # workers elsewhere (Dask) may start in another folder
+        options = replace(options, projdir=os.path.abspath(projdir), diffdir=os.path.abspath(diffdir))
 
+    # What the journal's rows depend on: --resume refuses a journal of other inputs.
     signature = {"diffs": os.path.abspath(diffs), "template": os.path.abspath(template_path),
                  "projdir": os.path.abspath(projdir), "level_only": level_only,
-                 "no_areas": no_areas, "keep_all": keep_all, "pairs": total}
+                 "no_areas": no_areas, "keep_all": keep_all, "pairs": total,
+                 "diffs_sha256": _file_digest(diffs), "template_sha256": parsed_template.digest}
     journal = _Journal(os.path.abspath(output) + JOURNAL_SUFFIX, signature)
     done = journal.load() if resume else {}
     writer = _OrderedWriter(output)
@@ -407,6 +437,39 @@ def run(
     if result.outcomes is not None:
         result.outcomes.sort(key=lambda o: o.index)
     return result
+
+
+#: Most workers a run accepts (thread pools far beyond the cores only cost memory).
+MAX_JOBS = 1024
+
+
+def _file_name(value, what: str) -> str:
+    """A path argument as text (str, bytes or path-like), or RunError."""
+    try:
+        name = os.fsdecode(value)
+    except TypeError:
+        raise RunError(f"the {what} must be a file name, not {type(value).__name__}") from None
+    if "\0" in name:
+        raise RunError(f"the {what} name {name!r} contains a NUL character")
+    return name
+
+
+def _check_backend(backend: str) -> None:
+    if backend in BACKENDS:
+        return
+    import joblib.parallel
+
+    if backend not in joblib.parallel.BACKENDS:
+        raise RunError(f"unknown backend {backend!r} (use threads, processes or dask)")
+
+
+def _file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (the overlap table, already read once: it exists)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _restore(record: dict) -> PairOutcome:

@@ -21,6 +21,38 @@ def test_dropin_matches_montagepy_on_a_small_survey(small_survey, tmp_path) -> N
         assert want["count"] - want["diff_failed"] - want["fit_failed"] >= 3
 
 
+def test_signature_is_montagepys(small_survey, tmp_path) -> None:
+    """Positional calls written for MontagePy bind the same parameters."""
+    import inspect
+
+    montage = pytest.importorskip("MontagePy.main")
+    want = list(inspect.signature(montage.mDiffFitExec).parameters)
+    got = inspect.signature(diffit.mDiffFitExec).parameters
+    assert list(got)[:len(want)] == want
+    assert all(got[name].kind is inspect.Parameter.KEYWORD_ONLY for name in list(got)[len(want):])
+    result = diffit.mDiffFitExec(str(small_survey.projdir), str(small_survey.diffs),
+                                 str(small_survey.template), str(tmp_path / "d"),
+                                 str(tmp_path / "f.tbl"), 0, 0, 0, "", 0)
+    assert result["status"] == "0" and result["count"] == small_survey.n_pairs
+    refused = diffit.mDiffFitExec(str(small_survey.projdir), str(small_survey.diffs),
+                                  str(small_survey.template), str(tmp_path / "d"),
+                                  str(tmp_path / "g.tbl"), archive="my-bucket")
+    assert refused["status"] == "1" and b"not supported" in refused["msg"]
+    assert not (tmp_path / "g.tbl").exists()
+
+
+def test_bytes_and_nul_file_names(small_survey, tmp_path) -> None:
+    import os
+
+    args = [os.fsencode(p) for p in (small_survey.projdir, small_survey.diffs, small_survey.template,
+                                     tmp_path / "d", tmp_path / "f.tbl")]
+    assert diffit.mDiffFitExec(*args)["status"] == "0"
+    result = diffit.mDiffFitExec(str(small_survey.projdir), str(small_survey.diffs),
+                                 str(small_survey.template), str(tmp_path / "d"), str(tmp_path / "t\0.tbl"))
+    assert result["status"] == "1" and b"NUL" in result["msg"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_error_dict_has_montagepy_types(tmp_path) -> None:
     result = diffit.mDiffFitExec(str(tmp_path), str(tmp_path / "unknown.tbl"), "t.hdr",
                                  str(tmp_path), str(tmp_path / "fits.tbl"))

@@ -82,6 +82,70 @@ def test_run_reports_missing_options(capsys) -> None:
     assert err.count("\n") == 1
 
 
+def _run_args(survey, tmp_path, *extra):
+    return ["run", "--projdir", str(survey.projdir), "--diffs", str(survey.diffs), "--template",
+            str(survey.template), "--output", str(tmp_path / "out" / "fits.tbl"), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("extra, config, fragment", [
+    (["--batch-size", "0"], "", "batch size must be at least 1"),
+    (["--batch-size", "-5"], "", "batch size must be at least 1"),
+    (["--jobs", "100000"], "", "jobs must be at most 1024"),
+    ([], "jobs = 99999999\n", "jobs must be at most 1024"),
+    ([], 'backend = "bogus"\n', "unknown backend 'bogus'"),
+    (["--scheduler", "tcp://127.0.0.1:1"], "", "--scheduler (a Dask scheduler address) needs --backend dask"),
+    (["--failures", "/nonexistent/failures.csv"], "", "Can't write failures file /nonexistent/failures.csv"),
+])
+def test_bad_run_settings_give_one_line_and_keep_fits_tbl(small_survey, tmp_path, capsys, extra, config,
+                                                          fragment) -> None:
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "fits.tbl"
+    output.write_text("previous run\n")
+    args = _run_args(small_survey, tmp_path, *extra)
+    if config:
+        (tmp_path / "c.toml").write_text(config)
+        args += ["--config", str(tmp_path / "c.toml")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffit: error: ") and fragment in err and err.count("\n") == 1, err
+    assert output.read_text() == "previous run\n"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["fits.tbl"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["demo", "{tmp}/d", "--tiles", "0"], "the demo needs 2 to 5000 tiles (got 0)"),
+    (["demo", "{tmp}/d", "--seed", "-1"], "the seed must be zero or positive"),
+    (["demo", "{tmp}/file/d"], "Can't create demo folder"),
+    (["plot", "{tmp}/f.tbl", "--projdir", "{tmp}", "--diffs", "{tmp}/x.tbl", "-o", "{tmp}"], "Is a directory"),
+])
+def test_demo_and_plot_arguments_give_one_line(tmp_path, capsys, args, fragment) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    assert main([a.format(tmp=tmp_path) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffit: error: ") and fragment in err and err.count("\n") == 1, err
+
+
+def test_failures_file_keeps_undecodable_names(small_survey, tmp_path, capsysbinary) -> None:
+    """A table naming an image with bytes that are not UTF-8: the CSV and the summary have
+    the same bytes."""
+    import os
+
+    lines = small_survey.diffs.read_bytes().split(b"\n")
+    first = next(i for i, line in enumerate(lines) if line[:1] not in (b"|", b"\\") and line.strip())
+    plus = lines[first].split()[2]
+    odd = plus[:-6] + b"\xff" + plus[-5:]  # same length: the table's columns stay aligned
+    lines[first] = lines[first].replace(plus, odd)
+    table = tmp_path / "odd.tbl"
+    table.write_bytes(b"\n".join(lines))
+    (tmp_path / "out").mkdir()
+    args = ["run", "--projdir", str(small_survey.projdir), "--diffs", os.fsdecode(table), "--template",
+            str(small_survey.template), "--output", str(tmp_path / "out" / "fits.tbl"), "--no-progress",
+            "--failures", str(tmp_path / "failures.csv"), "--jobs", "1"]
+    assert main(args) == 0, capsysbinary.readouterr().err
+    assert odd in (tmp_path / "failures.csv").read_bytes()
+    assert odd in capsysbinary.readouterr().out
+
+
 def test_no_progress_bar_when_stderr_is_not_a_terminal(small_survey, tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "diffit", "run", "--projdir", str(small_survey.projdir),

@@ -306,6 +306,24 @@ def _broken_survey(root: Path) -> Survey:
     return survey
 
 
+@pytest.mark.parametrize("which", ["im2.fits", "im2_area.fits"])
+def test_a_pipe_in_place_of_an_image_fails_its_pairs_without_hanging(tmp_path: Path, which: str) -> None:
+    """Opening a FIFO for reading blocks until a writer comes: it must never be opened."""
+    import subprocess
+    import sys
+
+    survey = make_survey(tmp_path / "s")
+    (survey.root / which).unlink()
+    os.mkfifo(survey.root / which)
+    code = ("import sys, diffit; r = diffit.mDiffFitExec(*sys.argv[1:6], jobs=2);"
+            " print(r['diff_failed'], r['count'])")
+    done = subprocess.run([sys.executable, "-c", code, str(survey.root), str(survey.diffs),
+                           str(survey.template), str(tmp_path / "d"), str(tmp_path / "f.tbl")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3", "6"]  # the three pairs with im2
+
+
 def test_debug_output_shows_each_reason(tmp_path: Path, capsys) -> None:
     survey = _broken_survey(tmp_path / "s")
     code = montage_main(["mDiffFitExec", "-d", "-j", "1", "-p", str(survey.root), str(survey.diffs),
@@ -490,7 +508,7 @@ def _fill_disk(monkeypatch, where: str) -> None:
 
     def full_init(self, output):
         init(self, output)
-        self.stream = _FullDisk(self.stream, where)
+        self.stream = self.file.stream = _FullDisk(self.stream, where)
 
     monkeypatch.setattr(diffit.runner._OrderedWriter, "__init__", full_init)
 

@@ -75,6 +75,93 @@ def test_resume_refuses_a_journal_from_other_options(small_survey, tmp_path) -> 
         _run(small_survey, output, jobs=1, resume=True, level_only=True)
 
 
+@pytest.mark.parametrize("change", ["table", "template"])
+def test_resume_refuses_a_journal_whose_inputs_changed(small_survey, tmp_path, change) -> None:
+    """Same paths, same number of pairs, other content: the journal's rows are stale."""
+    import shutil
+
+    diffs = tmp_path / "diffs.tbl"
+    template = tmp_path / "template.hdr"
+    shutil.copy(small_survey.diffs, diffs)
+    shutil.copy(small_survey.template, template)
+    output = tmp_path / "fits.tbl"
+    with pytest.raises(Interrupted):
+        run(small_survey.projdir, diffs, template, output, jobs=1, batch_size=1,
+            on_outcome=_stop_after(2))
+    if change == "table":  # swap plus and minus of the first pair
+        lines = diffs.read_text().splitlines(keepends=True)
+        first = next(i for i, line in enumerate(lines) if line[:1] not in "|\\")
+        fields = lines[first].split()
+        lines[first] = lines[first].replace(fields[2], "\0").replace(fields[3], fields[2]).replace("\0", fields[3])
+        diffs.write_text("".join(lines))
+    else:
+        template.write_text(template.read_text().replace("CRPIX1  = ", "CRPIX1  = 1"))
+    with pytest.raises(RunError, match="other inputs or options"):
+        run(small_survey.projdir, diffs, template, output, jobs=1, resume=True)
+
+
+@pytest.mark.parametrize("record", ["5", '{"index": 3}', '{"index": "x", "stage": "ok"}', "[1, 2]"])
+def test_resume_with_a_damaged_journal_record_is_a_clear_error(small_survey, tmp_path, record) -> None:
+    output = tmp_path / "fits.tbl"
+    with pytest.raises(Interrupted):
+        _run(small_survey, output, jobs=1, batch_size=1, on_outcome=_stop_after(2))
+    journal = tmp_path / "fits.tbl.journal"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([lines[0], record] + lines[1:]) + "\n")
+    with pytest.raises(RunError, match="journal .* is corrupt"):
+        _run(small_survey, output, jobs=1, resume=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch size must be at least 1"),
+    ({"batch_size": -5}, "batch size must be at least 1"),
+    ({"jobs": 100_000}, "jobs must be at most 1024"),
+    ({"backend": "bogus"}, "unknown backend 'bogus'"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(small_survey, tmp_path, kwargs, message) -> None:
+    output = tmp_path / "out" / "fits.tbl"
+    output.parent.mkdir()
+    output.write_text("previous run\n")
+    with pytest.raises(RunError, match=message):
+        _run(small_survey, output, **kwargs)
+    assert output.read_text() == "previous run\n"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["fits.tbl"]
+
+
+def test_file_names_as_bytes_and_paths_and_nul(small_survey, tmp_path) -> None:
+    reference = tmp_path / "reference.tbl"
+    _run(small_survey, reference, jobs=1)
+    run(os.fsencode(small_survey.projdir), os.fsencode(small_survey.diffs),
+        os.fsencode(small_survey.template), os.fsencode(tmp_path / "bytes.tbl"), jobs=1)
+    assert (tmp_path / "bytes.tbl").read_bytes() == reference.read_bytes()
+    with pytest.raises(RunError, match="NUL"):
+        _run(small_survey, str(tmp_path / "a\0.tbl"), jobs=1)
+    with pytest.raises(RunError, match="must be a file name"):
+        _run(small_survey, 42, jobs=1)
+
+
+def test_output_that_is_a_folder_fails_before_the_run(small_survey, tmp_path) -> None:
+    (tmp_path / "out").mkdir()
+    seen = []
+    with pytest.raises(RunError, match="Is a directory"):
+        _run(small_survey, tmp_path / "out", jobs=1, on_outcome=seen.append)
+    assert seen == [] and not (tmp_path / "out.journal").exists()
+
+
+def test_output_through_a_symbolic_link_and_to_a_device(small_survey, tmp_path) -> None:
+    reference = tmp_path / "reference.tbl"
+    _run(small_survey, reference, jobs=1)
+    (tmp_path / "results").mkdir()
+    target = tmp_path / "results" / "fits.tbl"
+    link = tmp_path / "fits.tbl"
+    link.symlink_to(target)
+    _run(small_survey, link, jobs=1)
+    assert link.is_symlink() and target.read_bytes() == reference.read_bytes()
+    result = _run(small_survey, os.devnull, jobs=1)  # counters only
+    assert result.count == small_survey.n_pairs
+    assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
+
+
 def test_without_resume_a_stale_journal_is_ignored(small_survey, tmp_path) -> None:
     output = tmp_path / "fits.tbl"
     with pytest.raises(Interrupted):
