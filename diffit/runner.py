@@ -15,9 +15,15 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import islice
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 
 from diffit.allocator import keep_freed_memory
 from diffit.fitsio import ImageReader
@@ -217,6 +223,28 @@ class _Journal:
             raise RunError(f"Can't read journal {self.path}: {error.strerror or error}") from None
         return done
 
+    def check_unlocked(self) -> None:
+        """RunError when another run holds this journal: it is writing the same output.
+
+        A run holds an exclusive lock on its journal until it ends; without this, a second
+        run would replace the first one's journal and the first would delete the second's.
+        """
+        if fcntl is None:  # pragma: no cover - not POSIX
+            return
+        try:
+            stream = open(self.path, "rb")
+        except OSError:
+            return  # no journal, no run in progress
+        with stream:
+            try:
+                fcntl.flock(stream.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                output = self.path[:-len(JOURNAL_SUFFIX)]
+                raise RunError(f"another diffit run is writing {output} (its journal is locked);"
+                               " wait for it to end") from None
+            except OSError:  # a file system without locks
+                pass
+
     def open(self, keep: dict[int, dict]) -> None:
         directory = os.path.dirname(self.path) or "."
         temporary = None
@@ -228,6 +256,15 @@ class _Journal:
                     stream.write(json.dumps(record) + "\n")
             os.replace(temporary, self.path)
             self._stream = open(self.path, "a", encoding="utf-8")
+            if fcntl is not None:
+                try:
+                    fcntl.flock(self._stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another run took it in the meantime
+                    self._stream.close()
+                    raise RunError(f"another diffit run is writing {self.path[:-len(JOURNAL_SUFFIX)]}"
+                                   " (its journal is locked); wait for it to end") from None
+                except OSError:  # a file system without locks
+                    pass
         except OSError as error:  # e.g. ENOSPC
             if temporary is not None and os.path.exists(temporary):
                 os.remove(temporary)
@@ -379,6 +416,8 @@ def run(
     if keep_all:
         try:
             os.makedirs(diffdir, exist_ok=True)
+        except FileExistsError:
+            raise RunError(f"Can't create diff folder {diffdir}: a file of that name exists") from None
         except OSError as error:
             raise RunError(f"Can't create diff folder {diffdir}: {error.strerror}") from None
     options = PairOptions(projdir=projdir, diffdir=diffdir, keep_all=keep_all,
@@ -393,6 +432,7 @@ def run(
                  "no_areas": no_areas, "keep_all": keep_all, "pairs": total,
                  "diffs_sha256": _file_digest(diffs), "template_sha256": parsed_template.digest}
     journal = _Journal(os.path.abspath(output) + JOURNAL_SUFFIX, signature)
+    journal.check_unlocked()
     done = journal.load() if resume else {}
     writer = _OrderedWriter(output)
     result = RunResult(outcomes=[] if keep_outcomes else None)
@@ -570,9 +610,14 @@ def _parallel(batches, in_flight, template, options, jobs, backend, task):
         with joblib.parallel_config(backend=backend):
             parallel = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered",
                                        pre_dispatch="2*n_jobs")
-    for outcomes in parallel(tracked()):
-        in_flight.pop(outcomes[0].index, None)
-        yield outcomes
+    with warnings.catch_warnings():
+        # An interrupted run ends with its own one-line message; joblib's warning that
+        # the tasks in flight were cancelled would only add noise.
+        warnings.filterwarnings("ignore", message=r".*tasks which were still being processed",
+                                category=UserWarning)
+        for outcomes in parallel(tracked()):
+            in_flight.pop(outcomes[0].index, None)
+            yield outcomes
 
 
 def _died(pair: OverlapPair) -> PairOutcome:

@@ -162,6 +162,24 @@ def test_output_through_a_symbolic_link_and_to_a_device(small_survey, tmp_path) 
     assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(small_survey, tmp_path) -> None:
+    """Two runs writing one fits.tbl would replace and delete each other's journals."""
+    output = tmp_path / "fits.tbl"
+    refused = []
+
+    def second_run(outcome):
+        if not refused:
+            with pytest.raises(RunError, match="another diffit run is writing") as caught:
+                _run(small_survey, output, jobs=1)
+            refused.append(str(caught.value))
+
+    reference = tmp_path / "reference.tbl"
+    _run(small_survey, reference, jobs=1)
+    _run(small_survey, output, jobs=1, on_outcome=second_run)
+    assert refused and output.read_bytes() == reference.read_bytes()
+    _run(small_survey, output, jobs=1)  # the lock ends with the run
+
+
 def test_without_resume_a_stale_journal_is_ignored(small_survey, tmp_path) -> None:
     output = tmp_path / "fits.tbl"
     with pytest.raises(Interrupted):
