@@ -291,7 +291,9 @@ class _Journal:
 class _OrderedWriter:
     """Writes rows to fits.tbl in table order, atomically (see :mod:`diffit.outputs`)."""
 
-    def __init__(self, output: str) -> None:
+    def __init__(self, output: str,
+                 on_outcome: Callable[[PairOutcome], None] | None = None) -> None:
+        self.on_outcome = on_outcome
         directory = os.path.dirname(destination(output)) or "."
         if not os.path.isdir(directory):
             raise RunError(f"Can't open output file {output}: folder {directory} does not exist")
@@ -302,7 +304,7 @@ class _OrderedWriter:
         self.output = output
         self.stream = self.file.stream
         self.next_index = 0
-        self.pending: dict[int, str | None] = {}
+        self.pending: dict[int, PairOutcome] = {}
         self.add_text(FITS_TBL_HEADER)
 
     def add_text(self, text: str) -> None:
@@ -311,12 +313,15 @@ class _OrderedWriter:
         except OSError as error:  # e.g. ENOSPC when the buffer is flushed
             raise RunError(f"Can't write output file {self.output}: {_reason(error)}") from None
 
-    def add(self, index: int, row: str | None) -> None:
-        self.pending[index] = row
+    def add(self, outcome: PairOutcome) -> None:
+        """Take a pair's outcome; write (and report) every pair now contiguous, in order."""
+        self.pending[outcome.index] = outcome
         while self.next_index in self.pending:
-            row = self.pending.pop(self.next_index)
-            if row is not None:
-                self.add_text(row)
+            outcome = self.pending.pop(self.next_index)
+            if outcome.row is not None:
+                self.add_text(outcome.row)
+            if self.on_outcome is not None:
+                self.on_outcome(outcome)
             self.next_index += 1
 
     def commit(self) -> None:
@@ -383,7 +388,7 @@ def run(
     keep_outcomes : bool
         Keep every pair's outcome in the result (memory grows with the table).
     on_outcome : callable, optional
-        Called with each pair's outcome, in completion order.
+        Called with each pair's outcome, in table order (as Montage's ``-d`` lines).
     backend : str, optional
         ``"threads"`` (default: worker threads in this process; the kernels release the
         GIL), ``"processes"`` (worker processes, isolating crashes: a dying worker fails
@@ -434,7 +439,7 @@ def run(
     journal = _Journal(os.path.abspath(output) + JOURNAL_SUFFIX, signature)
     journal.check_unlocked()
     done = journal.load() if resume else {}
-    writer = _OrderedWriter(output)
+    writer = _OrderedWriter(output, on_outcome)
     result = RunResult(outcomes=[] if keep_outcomes else None)
     keep_freed_memory()  # per-pair arrays are recycled, not faulted in afresh
     bar = _make_bar(progress, total)
@@ -443,7 +448,7 @@ def run(
         journal.open(done)
         restored = [_restore(record) for record in done.values()]
         for outcome in sorted(restored, key=lambda o: o.index):
-            _collect(outcome, writer, result, on_outcome)
+            _collect(outcome, writer, result)
         finished = len(restored)
         if bar is not None and finished:
             bar(finished)
@@ -453,7 +458,7 @@ def run(
         for outcomes in _execute(batches, parsed_template, options, jobs, backend, task):
             journal.append(outcomes)
             for outcome in outcomes:
-                _collect(outcome, writer, result, on_outcome)
+                _collect(outcome, writer, result)
             finished += len(outcomes)
             if bar is not None:
                 bar(len(outcomes))
@@ -519,12 +524,9 @@ def _restore(record: dict) -> PairOutcome:
                            stored_row=record["row"])
 
 
-def _collect(outcome: PairOutcome, writer: _OrderedWriter, result: RunResult,
-             on_outcome: Callable[[PairOutcome], None] | None) -> None:
-    writer.add(outcome.index, outcome.row)
+def _collect(outcome: PairOutcome, writer: _OrderedWriter, result: RunResult) -> None:
+    writer.add(outcome)  # reports it to on_outcome, in table order
     result.tally(outcome)
-    if on_outcome is not None:
-        on_outcome(outcome)
 
 
 WORKER_DIED = "worker process died (killed or out of memory) while processing this pair, twice"
@@ -584,12 +586,19 @@ def _retry_alone(pairs: list[OverlapPair], template: Template, options: PairOpti
     """Retry pairs one at a time in a single worker process, so a crash names its pair."""
     from joblib.externals.loky import get_reusable_executor
 
-    for pair in sorted(pairs, key=lambda p: p.index):
-        executor = get_reusable_executor(max_workers=1)
-        try:
-            yield executor.submit(task, [pair], template, options).result()
-        except died:
-            yield [_died(pair)]
+    executor = None
+    try:
+        for pair in sorted(pairs, key=lambda p: p.index):
+            executor = get_reusable_executor(max_workers=1)
+            try:
+                yield executor.submit(task, [pair], template, options).result()
+            except died:
+                yield [_died(pair)]
+    finally:
+        # loky's own executor lacks what joblib adds to the ones it makes: a later
+        # joblib run in this process must not pick it up for reuse.
+        if executor is not None:
+            executor.shutdown(wait=True, kill_workers=True)
 
 
 def _parallel(batches, in_flight, template, options, jobs, backend, task):

@@ -506,8 +506,8 @@ def _fill_disk(monkeypatch, where: str) -> None:
         return
     init = diffit.runner._OrderedWriter.__init__
 
-    def full_init(self, output):
-        init(self, output)
+    def full_init(self, output, *args):
+        init(self, output, *args)
         self.stream = self.file.stream = _FullDisk(self.stream, where)
 
     monkeypatch.setattr(diffit.runner._OrderedWriter, "__init__", full_init)

@@ -210,6 +210,11 @@ def test_a_dying_worker_fails_only_its_pair(small_survey, tmp_path) -> None:
             assert got.stage == "diff" and "worker process died" in got.reason
         else:
             assert (got.stage, got.row) == (want.stage, want.row)
+    # The next run with worker processes in this process starts cleanly (the retry's
+    # executor is not left behind for joblib to reuse).
+    again = _run(small_survey, tmp_path / "g.tbl", jobs=3, batch_size=1, backend="processes")
+    assert again.count == reference.count
+    assert (tmp_path / "g.tbl").read_bytes() == (tmp_path / "ref.tbl").read_bytes()
 
 
 @pytest.mark.parametrize("total, jobs", [(0, 2), (1, 1), (7, 2), (121, 2), (1117, 2), (5000, 8)])
