@@ -32,6 +32,36 @@ def _umask() -> int:
         return _UMASK
 
 
+def temporary_prefix(target: str) -> str:
+    """Start of the names of the temporary files of ``target`` (hidden, in its folder)."""
+    return f".{os.path.basename(target)}.diffit-"
+
+
+def remove_stale_temporaries(path: str, keep: str | None = None) -> int:
+    """Remove temporary files of ``path`` left by runs that were killed.
+
+    Only safe while no other writer of ``path`` can be running (the runner holds the
+    output's journal lock). Returns the number of files removed.
+    """
+    target = destination(path)
+    directory = os.path.dirname(target) or "."
+    prefix = temporary_prefix(target)
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        candidate = os.path.join(directory, name)
+        if name.startswith(prefix) and candidate != keep:
+            try:
+                os.remove(candidate)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def destination(path: str) -> str:
     """Where writing ``path`` really goes: symbolic links followed."""
     return os.path.realpath(path) if os.path.islink(path) else path
@@ -73,8 +103,8 @@ class AtomicOutput:
             self.stream: IO = open(self.target, mode, **kwargs)
             return
         directory = os.path.dirname(self.target) or "."
-        handle, self.temporary = tempfile.mkstemp(prefix=".diffit-", dir=directory,
-                                                  suffix=os.path.splitext(self.target)[1])
+        handle, self.temporary = tempfile.mkstemp(prefix=temporary_prefix(self.target),
+                                                  dir=directory)
         try:
             permissions = stat.S_IMODE(info.st_mode) if info is not None else 0o666 & ~_umask()
             os.fchmod(handle, permissions)
@@ -151,4 +181,4 @@ def write_atomically(path: str, write, *, binary: bool = False) -> None:
         raise
 
 
-__all__ = ["AtomicOutput", "write_atomically", "destination"]
+__all__ = ["AtomicOutput", "write_atomically", "destination", "remove_stale_temporaries"]

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 from diffit.allocator import keep_freed_memory
 from diffit.fitsio import ImageReader
-from diffit.outputs import AtomicOutput, destination
+from diffit.outputs import AtomicOutput, destination, remove_stale_temporaries
 from diffit.headers import Template, read_template
 from diffit.pair import PairOptions, PairOutcome, process_pair
 from diffit.tables import FITS_TBL_HEADER, OverlapPair, iter_overlap_table
@@ -445,7 +445,8 @@ def run(
     bar = _make_bar(progress, total)
     finished = 0
     try:
-        journal.open(done)
+        journal.open(done)  # holds the output's lock: no other run is writing it
+        remove_stale_temporaries(output, keep=writer.file.temporary)
         restored = [_restore(record) for record in done.values()]
         for outcome in sorted(restored, key=lambda o: o.index):
             _collect(outcome, writer, result)

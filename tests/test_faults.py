@@ -278,7 +278,7 @@ def test_stale_diff_files_never_change_results(tmp_path: Path) -> None:
         _run(survey, tmp_path / "again.tbl", keep_all=keep_all, diffdir=diffdir)
         assert (tmp_path / "again.tbl").read_bytes() == want
     assert all(fits.getdata(p).shape != (3, 3) for p in written)  # rewritten by the keepAll run
-    assert not list(diffdir.glob(".diffit-*"))
+    assert not list(diffdir.glob(".*diffit-*"))
 
 
 def test_missing_diffdir_is_created_with_keep_all_only(tmp_path: Path, capsys) -> None:

@@ -27,7 +27,7 @@ def test_parallel_equals_serial_and_rows_in_table_order(small_survey, tmp_path, 
     fitted = [o for o in serial.outcomes if o.stage == "ok"]
     assert [o.row for o in fitted] == [r + "\n" for r in rows[1:]]
     assert serial.succeeded == len(fitted) > 0
-    assert not list(tmp_path.glob(".diffit-*")), "temporary files left behind"
+    assert not list(tmp_path.glob(".*diffit-*")), "temporary files left behind"
 
 
 def test_progress_callable_sees_every_pair(small_survey, tmp_path) -> None:
@@ -178,6 +178,16 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(small_s
     _run(small_survey, output, jobs=1, on_outcome=second_run)
     assert refused and output.read_bytes() == reference.read_bytes()
     _run(small_survey, output, jobs=1)  # the lock ends with the run
+
+
+def test_temporary_files_of_a_killed_run_are_removed_by_the_next(small_survey, tmp_path) -> None:
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / ".fits.tbl.diffit-k1ll3d"  # as a kill -9 leaves it
+    other = tmp_path / "out" / ".other.tbl.diffit-x1y2z3"  # another output's: not ours
+    stale.write_text("half a table")
+    other.write_text("half a table")
+    _run(small_survey, tmp_path / "out" / "fits.tbl", jobs=1)
+    assert not stale.exists() and other.exists()
 
 
 def test_without_resume_a_stale_journal_is_ignored(small_survey, tmp_path) -> None:
