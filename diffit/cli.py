@@ -249,6 +249,8 @@ def _run_settings(s: dict) -> int:
     backend = s.get("backend", "threads")
     if s.get("scheduler") and backend != "dask":
         raise ConfigError("--scheduler (a Dask scheduler address) needs --backend dask")
+    if s.get("keep_diffs") and not s.get("diffdir"):
+        raise ConfigError("--keep-diffs needs --diffdir (the folder for the difference images)")
     kwargs = dict(diffdir=s.get("diffdir"), keep_all=s.get("keep_diffs", False),
                   level_only=s.get("level_only", False), no_areas=s.get("no_areas", False),
                   jobs=s.get("jobs"), batch_size=s.get("batch_size"),

@@ -95,6 +95,7 @@ def _run_args(survey, tmp_path, *extra):
     ([], 'backend = "bogus"\n', "unknown backend 'bogus'"),
     (["--scheduler", "tcp://127.0.0.1:1"], "", "--scheduler (a Dask scheduler address) needs --backend dask"),
     (["--failures", "/nonexistent/failures.csv"], "", "Can't write failures file /nonexistent/failures.csv"),
+    (["--keep-diffs"], "", "--keep-diffs needs --diffdir"),
 ])
 def test_bad_run_settings_give_one_line_and_keep_fits_tbl(small_survey, tmp_path, capsys, extra, config,
                                                           fragment) -> None:
