@@ -338,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffit: {error}", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as error:
-        print(f"diffit: error: {error}", file=sys.stderr)
+        reason = getattr(error, "reason", None)
+        print(f"diffit: error: {error}" + (f" ({reason})" if reason else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("diffit: interrupted", file=sys.stderr)

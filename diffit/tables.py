@@ -75,7 +75,15 @@ _LONG_MAX = 2**63 - 1
 
 
 class TableError(ValueError):
-    """A table that Montage would reject; ``str(err)`` is Montage's exact message."""
+    """A table that Montage would reject; ``str(err)`` is Montage's exact message.
+
+    ``reason``, when known, says why (Montage's message does not): diffit's own command
+    line adds it.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -183,11 +191,15 @@ def _parse_names(line: bytes) -> list[tuple[bytes, int]]:
 
 
 def _read_layout(path: PathLike, shown: str) -> _Layout:
-    invalid = TableError(f"Invalid diffs metadata file: {shown}")
+    def invalid(reason: str | None = None) -> TableError:
+        return TableError(f"Invalid diffs metadata file: {shown}", reason)
+
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
-    except (OSError, ValueError):
-        raise invalid from None
+    except OSError as error:
+        raise invalid(error.strerror) from None
+    except ValueError:
+        raise invalid("not a usable file name") from None
     try:
         headbytes = 0
         cols: list[tuple[bytes, int]] = []
@@ -207,15 +219,15 @@ def _read_layout(path: PathLike, shown: str) -> _Layout:
                 cols = _parse_names(s)
                 break
         if not cols:
-            raise invalid
+            raise invalid("no line of column names")
         # type / unit / null (and any further) lines starting with '|'
         while True:
             chunk = f.readline(_CHUNK)
             if not chunk or chunk[:1] != b"|":
                 break
             headbytes += len(_cstr(chunk))
-    except OSError:
-        raise invalid from None
+    except OSError as error:
+        raise invalid(error.strerror) from None
     finally:
         f.close()
 

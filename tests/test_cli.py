@@ -147,6 +147,20 @@ def test_failures_file_keeps_undecodable_names(small_survey, tmp_path, capsysbin
     assert odd in capsysbinary.readouterr().out
 
 
+@pytest.mark.parametrize("kind, reason", [("missing", "No such file or directory"),
+                                          ("folder", "Is a directory"), ("empty", "no line of column names")])
+def test_bad_table_errors_say_why(small_survey, tmp_path, capsys, kind, reason) -> None:
+    table = tmp_path / "t.tbl"
+    if kind == "folder":
+        table.mkdir()
+    elif kind == "empty":
+        table.write_text("")
+    args = ["run", "--projdir", str(small_survey.projdir), "--diffs", str(table), "--template",
+            str(small_survey.template), "--output", str(tmp_path / "f.tbl"), "--no-progress"]
+    assert main(args) == 1
+    assert capsys.readouterr().err == f"diffit: error: Invalid diffs metadata file: {table} ({reason})\n"
+
+
 def test_no_progress_bar_when_stderr_is_not_a_terminal(small_survey, tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "diffit", "run", "--projdir", str(small_survey.projdir),
