@@ -33,8 +33,9 @@ def _umask() -> int:
 
 
 def temporary_prefix(target: str) -> str:
-    """Start of the names of the temporary files of ``target`` (hidden, in its folder)."""
-    return f".{os.path.basename(target)}.diffit-"
+    """Start of the names of the temporary files of ``target`` (hidden, in its folder; the
+    name is shortened so that the temporary name stays within the file system's limit)."""
+    return f".{os.path.basename(target)[:200]}.diffit-"
 
 
 def remove_stale_temporaries(path: str, keep: str | None = None) -> int:
@@ -51,8 +52,9 @@ def remove_stale_temporaries(path: str, keep: str | None = None) -> int:
         names = os.listdir(directory)
     except OSError:
         return 0
+    keep = os.path.abspath(keep) if keep is not None else None
     for name in names:
-        candidate = os.path.join(directory, name)
+        candidate = os.path.abspath(os.path.join(directory, name))
         if name.startswith(prefix) and candidate != keep:
             try:
                 os.remove(candidate)
@@ -63,8 +65,20 @@ def remove_stale_temporaries(path: str, keep: str | None = None) -> int:
 
 
 def destination(path: str) -> str:
-    """Where writing ``path`` really goes: symbolic links followed."""
-    return os.path.realpath(path) if os.path.islink(path) else path
+    """Where writing ``path`` really goes: symbolic links followed (a dangling link gives
+    the file it names).
+
+    Raises
+    ------
+    OSError
+        A loop of symbolic links (ELOOP), as ``open`` would.
+    """
+    if not os.path.islink(path):
+        return path
+    try:
+        return os.path.realpath(path, strict=True)
+    except FileNotFoundError:  # a dangling link: writing creates its target
+        return os.path.realpath(path)
 
 
 class AtomicOutput:
@@ -103,8 +117,13 @@ class AtomicOutput:
             self.stream: IO = open(self.target, mode, **kwargs)
             return
         directory = os.path.dirname(self.target) or "."
-        handle, self.temporary = tempfile.mkstemp(prefix=temporary_prefix(self.target),
-                                                  dir=directory)
+        try:
+            handle, self.temporary = tempfile.mkstemp(prefix=temporary_prefix(self.target),
+                                                      dir=directory)
+        except PermissionError as error:
+            raise PermissionError(error.errno, f"Permission denied: folder {directory} does not let"
+                                  " a new file be made (outputs are written whole, then renamed)",
+                                  path) from None
         try:
             permissions = stat.S_IMODE(info.st_mode) if info is not None else 0o666 & ~_umask()
             os.fchmod(handle, permissions)

@@ -178,19 +178,30 @@ _RECORD_TYPES = {"index": (int,), "stage": (str,), "reason": (str, type(None)),
                  "minus": (str,), "diff": (str,)}
 
 
-def _valid_record(record: object) -> bool:
-    """A journal line as :func:`_outcome_record` writes it."""
-    return (isinstance(record, dict)
-            and all(isinstance(record.get(key, ...), types) for key, types in _RECORD_TYPES.items())
-            and record["stage"] in ("ok", "diff", "fit") and record["index"] >= 0)
+def _valid_record(record: object, total: int) -> bool:
+    """A journal line as :func:`_outcome_record` writes it, for a table of ``total`` pairs:
+    the right types (no booleans for numbers), an index in the table, and a fits.tbl row
+    (20 fields, starting with the pair's cntr1 and cntr2) exactly for fitted pairs."""
+    if not (isinstance(record, dict)
+            and all(isinstance(record.get(key, ...), types) and not isinstance(record.get(key), bool)
+                    for key, types in _RECORD_TYPES.items())
+            and record["stage"] in ("ok", "diff", "fit") and 0 <= record["index"] < total):
+        return False
+    row = record["row"]
+    if record["stage"] != "ok":
+        return row is None
+    fields = row.split() if isinstance(row, str) else []
+    return (row.endswith("\n") and len(fields) == 20
+            and fields[:2] == [str(record["cntr1"]), str(record["cntr2"])])
 
 
 class _Journal:
     """Append-only record of finished pairs, for resuming an interrupted run."""
 
-    def __init__(self, path: str, signature: dict) -> None:
+    def __init__(self, path: str, signature: dict, output: str = "") -> None:
         self.path = path
         self.signature = signature
+        self.output = output or path[:-len(JOURNAL_SUFFIX)]
 
     def load(self) -> dict[int, dict]:
         """Records of a previous run with the same signature (empty when none)."""
@@ -214,7 +225,7 @@ class _Journal:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         break  # a torn last line from a crash: that batch is redone
-                    if not _valid_record(record):
+                    if not _valid_record(record, self.signature["pairs"]):
                         raise corrupt
                     done[record["index"]] = record
         except UnicodeDecodeError:
@@ -239,8 +250,7 @@ class _Journal:
             try:
                 fcntl.flock(stream.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                output = self.path[:-len(JOURNAL_SUFFIX)]
-                raise RunError(f"another diffit run is writing {output} (its journal is locked);"
+                raise RunError(f"another diffit run is writing {self.output} (its journal is locked);"
                                " wait for it to end") from None
             except OSError:  # a file system without locks
                 pass
@@ -261,7 +271,7 @@ class _Journal:
                     fcntl.flock(self._stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # another run took it in the meantime
                     self._stream.close()
-                    raise RunError(f"another diffit run is writing {self.path[:-len(JOURNAL_SUFFIX)]}"
+                    raise RunError(f"another diffit run is writing {self.output}"
                                    " (its journal is locked); wait for it to end") from None
                 except OSError:  # a file system without locks
                     pass
@@ -294,7 +304,10 @@ class _OrderedWriter:
     def __init__(self, output: str,
                  on_outcome: Callable[[PairOutcome], None] | None = None) -> None:
         self.on_outcome = on_outcome
-        directory = os.path.dirname(destination(output)) or "."
+        try:
+            directory = os.path.dirname(destination(output)) or "."
+        except OSError as error:  # a loop of symbolic links
+            raise RunError(f"Can't open output file {output}: {_reason(error)}") from None
         if not os.path.isdir(directory):
             raise RunError(f"Can't open output file {output}: folder {directory} does not exist")
         try:
@@ -436,7 +449,7 @@ def run(
                  "projdir": os.path.abspath(projdir), "level_only": level_only,
                  "no_areas": no_areas, "keep_all": keep_all, "pairs": total,
                  "diffs_sha256": _file_digest(diffs), "template_sha256": parsed_template.digest}
-    journal = _Journal(os.path.abspath(output) + JOURNAL_SUFFIX, signature)
+    journal = _Journal(journal_path(output), signature, output)
     journal.check_unlocked()
     done = journal.load() if resume else {}
     writer = _OrderedWriter(output, on_outcome)
@@ -483,6 +496,16 @@ def run(
     if result.outcomes is not None:
         result.outcomes.sort(key=lambda o: o.index)
     return result
+
+
+def journal_path(output: str) -> str:
+    """The journal of an output: beside the file it really is (links followed, so that
+    two names of one file share one journal and one lock), named after it."""
+    real = os.path.realpath(output)
+    directory, name = os.path.split(real)
+    if len(name) + len(JOURNAL_SUFFIX) > 255:  # keep within the file system's name limit
+        name = name[:200] + "-" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(directory, name + JOURNAL_SUFFIX)
 
 
 #: Most workers a run accepts (thread pools far beyond the cores only cost memory).

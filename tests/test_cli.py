@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -159,6 +160,20 @@ def test_bad_table_errors_say_why(small_survey, tmp_path, capsys, kind, reason) 
             str(small_survey.template), "--output", str(tmp_path / "f.tbl"), "--no-progress"]
     assert main(args) == 1
     assert capsys.readouterr().err == f"diffit: error: Invalid diffs metadata file: {table} ({reason})\n"
+
+
+def test_relative_paths_everywhere(tmp_path, monkeypatch, capsys) -> None:
+    """The README's first command and Montage's usual call, all with relative paths."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "demo", "--tiles", "4", "--no-progress"]) == 0
+    assert (tmp_path / "demo" / "fits.tbl").exists()
+    out = capsys.readouterr().out
+    command = out.split("same job with Montage's interface:")[1].split()
+    assert command[0] == "mDiffFitExec"
+    relative = [str(os.path.relpath(a, tmp_path)) if os.path.isabs(a) else a for a in command]
+    assert montage_main(relative[:-1] + ["again.tbl"]) == 0
+    assert capsys.readouterr().out.startswith('[struct stat="OK"')
+    assert (tmp_path / "again.tbl").read_bytes() == (tmp_path / "demo" / "fits.tbl").read_bytes()
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(small_survey, tmp_path) -> None:

@@ -100,7 +100,20 @@ def test_resume_refuses_a_journal_whose_inputs_changed(small_survey, tmp_path, c
         run(small_survey.projdir, diffs, template, output, jobs=1, resume=True)
 
 
-@pytest.mark.parametrize("record", ["5", '{"index": 3}', '{"index": "x", "stage": "ok"}', "[1, 2]"])
+_GOOD = {"index": 3, "stage": "diff", "reason": "x", "row": None, "cntr1": 1, "cntr2": 2,
+         "plus": "a", "minus": "b", "diff": "d"}
+
+
+def _record(**change) -> str:
+    import json
+
+    return json.dumps(dict(_GOOD, **change))
+
+
+@pytest.mark.parametrize("record", ["5", '{"index": 3}', '{"index": "x", "stage": "ok"}', "[1, 2]",
+                                    _record(index=True), _record(index=10 ** 9), _record(index=-1),
+                                    _record(stage="ok", row="garbage\n"), _record(row=" 1 2\n"),
+                                    _record(stage="ok", row=" 9 9" + " 0" * 18 + "\n")])
 def test_resume_with_a_damaged_journal_record_is_a_clear_error(small_survey, tmp_path, record) -> None:
     output = tmp_path / "fits.tbl"
     with pytest.raises(Interrupted):
@@ -188,6 +201,54 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(small_survey, t
     other.write_text("half a table")
     _run(small_survey, tmp_path / "out" / "fits.tbl", jobs=1)
     assert not stale.exists() and other.exists()
+
+
+@pytest.mark.parametrize("name", ["fits.tbl", "out/fits.tbl", "./out/../fits.tbl"])
+def test_relative_output_paths(small_survey, tmp_path, monkeypatch, name) -> None:
+    reference = tmp_path / "reference.tbl"
+    _run(small_survey, reference, jobs=1)
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _run(small_survey, name, jobs=2)
+    assert (tmp_path / name).read_bytes() == reference.read_bytes()
+    left = [p.name for p in (tmp_path / name).parent.iterdir() if p.name.startswith(".")]
+    assert left == [] and not (tmp_path / (name + ".journal")).exists()
+
+
+def test_output_that_is_a_loop_of_links_is_an_error(small_survey, tmp_path) -> None:
+    loop = tmp_path / "loop1"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    with pytest.raises(RunError, match="Can't open output file .*loop1"):
+        _run(small_survey, loop, jobs=1)
+    assert loop.is_symlink() and (tmp_path / "loop2").is_symlink()
+
+
+def test_two_names_of_one_output_share_the_lock(small_survey, tmp_path) -> None:
+    target = tmp_path / "target.tbl"
+    link = tmp_path / "link.tbl"
+    link.symlink_to(target)
+    refused = []
+
+    def second_run(outcome):
+        if not refused:
+            with pytest.raises(RunError, match="another diffit run is writing"):
+                _run(small_survey, link, jobs=1)
+            refused.append(True)
+
+    _run(small_survey, target, jobs=1, on_outcome=second_run)
+    assert refused and target.read_text().count("\n") > 1
+
+
+def test_long_output_name(small_survey, tmp_path) -> None:
+    name = tmp_path / ("a" * 250 + ".tbl")
+    result = _run(small_survey, name, jobs=1)
+    assert result.count == small_survey.n_pairs and name.exists()
+    with pytest.raises(Interrupted) as caught:
+        _run(small_survey, name, jobs=1, batch_size=1, on_outcome=_stop_after(2))
+    assert os.path.exists(caught.value.journal)
+    _run(small_survey, name, jobs=1, resume=True)
+    assert not os.path.exists(caught.value.journal)
 
 
 def test_without_resume_a_stale_journal_is_ignored(small_survey, tmp_path) -> None:
