@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from diffit.config import ConfigError, load_config
 from diffit.headers import TemplateError
-from diffit.outputs import AtomicOutput
+from diffit.outputs import AtomicOutput, remove_stale_temporaries
 from diffit.pair import PairOutcome, diff_paths, file_path
 from diffit.runner import Interrupted, RunError, RunResult, run
 from diffit.tables import TableError
@@ -269,6 +269,7 @@ def _run_settings(s: dict) -> int:
         raise
     if failures is not None:
         write_failures(failures, result.failures)
+        remove_stale_temporaries(s["failures"])  # of runs that were killed
     _print_summary(result, s["output"])
     return 0
 

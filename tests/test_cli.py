@@ -143,9 +143,12 @@ def test_failures_file_keeps_undecodable_names(small_survey, tmp_path, capsysbin
     args = ["run", "--projdir", str(small_survey.projdir), "--diffs", os.fsdecode(table), "--template",
             str(small_survey.template), "--output", str(tmp_path / "out" / "fits.tbl"), "--no-progress",
             "--failures", str(tmp_path / "failures.csv"), "--jobs", "1"]
+    stale = tmp_path / ".failures.csv.diffit-k1ll3d"  # left by a run killed outright
+    stale.write_text("half")
     assert main(args) == 0, capsysbinary.readouterr().err
     assert odd in (tmp_path / "failures.csv").read_bytes()
     assert odd in capsysbinary.readouterr().out
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize("kind, reason", [("missing", "No such file or directory"),
