@@ -51,14 +51,22 @@ def mDiffFitExec(  # noqa: N802 - Montage's name
         ``{'status': '0', 'count', 'diff_failed', 'fit_failed', 'warning'}`` or, on a
         global error, ``{'status': '1', 'msg': b'...'}`` -- MontagePy's types.
     """
+    reader_gone = []
+
     def report(outcome) -> None:
         from diffit.cli import debug_lines
 
         for line in debug_lines(outcome, path or ".", diffdir):
+            if reader_gone:
+                return
             try:
-                print(line, flush=True)
-            except UnicodeEncodeError:  # a name that was not valid UTF-8 in the table
-                print(line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), flush=True)
+                try:
+                    print(line, flush=True)
+                except UnicodeEncodeError:  # a name that was not valid UTF-8 in the table
+                    print(line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                          flush=True)
+            except BrokenPipeError:  # the reader went away: the run goes on, quietly
+                reader_gone.append(True)
 
     if archive:
         return {"status": "1", "msg": b"archive (AWS S3) is not supported by diffit:"

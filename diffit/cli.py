@@ -21,7 +21,7 @@ log = logging.getLogger("diffit")
 
 MONTAGE_USAGE = (
     "Usage: {prog} [-d] [-l(evel-only)] [-k(eep-all)] [-n(o-areas)] [-p projdir] "
-    "[-s statusfile] [-a(rchive) bucket] diffs.tbl template.hdr diffdir fits.tbl"
+    "[-s statusfile] [-j threads] diffs.tbl template.hdr diffdir fits.tbl"
 )
 EXPECTED_ERRORS = (TableError, TemplateError, RunError, ConfigError)
 
@@ -53,6 +53,21 @@ def _tolerate_undecodable_names() -> None:
         try:
             stream.reconfigure(errors="surrogateescape")
         except (AttributeError, ValueError):  # pragma: no cover - a replaced stream
+            pass
+
+
+def _say(text: str, stream=None) -> None:
+    """print() that survives a reader that went away (``mDiffFitExec -d ... | head``):
+    the run goes on and later output is dropped, instead of a BrokenPipeError."""
+    stream = stream if stream is not None else sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # pragma: no cover - a stream without a descriptor
             pass
 
 
@@ -121,7 +136,7 @@ def montage_main(argv: Sequence[str] | None = None) -> int:
 
     def report(outcome: PairOutcome) -> None:
         for line in debug_lines(outcome, flags["projdir"], diffdir):
-            print(line, flush=True)
+            _say(line)
 
     try:
         result = run(flags["projdir"], diffs, template, output, diffdir=diffdir,
@@ -129,11 +144,11 @@ def montage_main(argv: Sequence[str] | None = None) -> int:
                      no_areas=flags["no_areas"], jobs=flags["jobs"],
                      on_outcome=report if flags["debug"] else None)
     except (*EXPECTED_ERRORS, Interrupted) as error:
-        print(f'[struct stat="ERROR", msg="{error}"]', file=status_stream, flush=True)
+        _say(f'[struct stat="ERROR", msg="{error}"]', status_stream)
         return 130 if isinstance(error, Interrupted) else 1
-    print(f'[struct stat="OK", module="mDiffFitExec", count={result.count}, '
-          f'diff_failed={result.diff_failed}, fit_failed={result.fit_failed}, '
-          f'warning={result.warning}]', file=status_stream, flush=True)
+    _say(f'[struct stat="OK", module="mDiffFitExec", count={result.count}, '
+         f'diff_failed={result.diff_failed}, fit_failed={result.fit_failed}, '
+         f'warning={result.warning}]', status_stream)
     if status_stream is not sys.stdout:
         status_stream.close()
     return 0
@@ -143,8 +158,15 @@ def montage_main(argv: Sequence[str] | None = None) -> int:
 # diffit: the modern command line
 # --------------------------------------------------------------------------------------
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``diffit: error: ...``), exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"diffit: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="diffit",
         description="Difference and fit overlapping image pairs (Montage mDiffFitExec, in parallel).",
     )
@@ -296,13 +318,13 @@ def _run_with_logging(s: dict, kwargs: dict) -> RunResult:
 
 
 def _print_summary(result: RunResult, output: str) -> None:
-    print(f"{result.count} pairs: {result.succeeded} fitted, {result.diff_failed} diff failed, "
-          f"{result.fit_failed} fit failed -> {output}")
+    _say(f"{result.count} pairs: {result.succeeded} fitted, {result.diff_failed} diff failed, "
+         f"{result.fit_failed} fit failed -> {output}")
     reasons: dict[str, int] = {}
     for failure in result.failures:
         reasons[failure.reason] = reasons.get(failure.reason, 0) + 1
     for reason, n in sorted(reasons.items(), key=lambda item: -item[1])[:5]:
-        print(f"  {n:6d} x {reason}")
+        _say(f"  {n:6d} x {reason}")
 
 
 def _demo_command(args: argparse.Namespace) -> int:

@@ -449,6 +449,8 @@ def run(
                  "projdir": os.path.abspath(projdir), "level_only": level_only,
                  "no_areas": no_areas, "keep_all": keep_all, "pairs": total,
                  "diffs_sha256": _file_digest(diffs), "template_sha256": parsed_template.digest}
+    if keep_all:  # the kept images of the journal's pairs are in that folder
+        signature["diffdir"] = os.path.abspath(diffdir)
     journal = _Journal(journal_path(output), signature, output)
     journal.check_unlocked()
     done = journal.load() if resume else {}

@@ -148,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", type=int, default=100_000, help="largest table (pairs)")
     parser.add_argument("--sizes", default="10000,30000",
                         help="smaller tables to run too, comma-separated (default: 10000,30000)")
-    parser.add_argument("--jobs", "-j", type=int, default=2, help="diffit worker processes")
+    parser.add_argument("--jobs", "-j", type=int, default=2, help="diffit workers (threads unless --backend processes)")
     parser.add_argument("--backend", choices=["threads", "processes"],
                         help="diffit.run backend (default: run()'s default)")
     parser.add_argument("--json", help="write the results to this JSON file")

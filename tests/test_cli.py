@@ -18,7 +18,7 @@ def test_montage_usage_error(capsys) -> None:
     assert montage_main(["mDiffFitExec", "only.tbl"]) == 1
     assert capsys.readouterr().out == (
         '[struct stat="ERROR", msg="Usage: mDiffFitExec [-d] [-l(evel-only)] [-k(eep-all)] '
-        '[-n(o-areas)] [-p projdir] [-s statusfile] [-a(rchive) bucket] diffs.tbl '
+        '[-n(o-areas)] [-p projdir] [-s statusfile] [-j threads] diffs.tbl '
         'template.hdr diffdir fits.tbl"]\n')
     assert montage_main(["mDiffFitExec", "-x", "a", "b", "c", "d"]) == 1
 
@@ -177,6 +177,31 @@ def test_relative_paths_everywhere(tmp_path, monkeypatch, capsys) -> None:
     assert montage_main(relative[:-1] + ["again.tbl"]) == 0
     assert capsys.readouterr().out.startswith('[struct stat="OK"')
     assert (tmp_path / "again.tbl").read_bytes() == (tmp_path / "demo" / "fits.tbl").read_bytes()
+
+
+@pytest.mark.parametrize("args", [["run", "--backend", "foo"], ["run", "--jobs", "x"], ["nosuch"],
+                                  ["demo", "--tiles"]])
+def test_usage_errors_are_one_line(capsys, args) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(args)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffit: error: ") and err.count("\n") == 1, err
+
+
+def test_debug_output_into_a_closed_pipe(small_survey, tmp_path) -> None:
+    """``mDiffFitExec -d ... | head -2``: the run finishes quietly, fits.tbl is complete."""
+    reference = tmp_path / "reference.tbl"
+    assert montage_main(["mDiffFitExec", "-j", "1", "-p", str(small_survey.projdir),
+                         *_args(small_survey, reference)]) == 0
+    command = (f"{sys.executable} -c 'import sys; from diffit.cli import montage_main;"
+               f" sys.exit(montage_main(sys.argv))' -d -p {small_survey.projdir} "
+               + " ".join(_args(small_survey, tmp_path / "piped.tbl")) + " | head -2")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and len(done.stdout.splitlines()) == 2
+    assert (tmp_path / "piped.tbl").read_bytes() == reference.read_bytes()
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(small_survey, tmp_path) -> None:

@@ -251,6 +251,16 @@ def test_long_output_name(small_survey, tmp_path) -> None:
     assert not os.path.exists(caught.value.journal)
 
 
+def test_resume_with_kept_images_refuses_another_diff_folder(small_survey, tmp_path) -> None:
+    output = tmp_path / "fits.tbl"
+    with pytest.raises(Interrupted):
+        _run(small_survey, output, jobs=1, batch_size=1, keep_all=True, diffdir=tmp_path / "kdA",
+             on_outcome=_stop_after(2))
+    with pytest.raises(RunError, match="other inputs or options"):
+        _run(small_survey, output, jobs=1, resume=True, keep_all=True, diffdir=tmp_path / "kdB")
+    _run(small_survey, output, jobs=1, resume=True, keep_all=True, diffdir=tmp_path / "kdA")
+
+
 def test_without_resume_a_stale_journal_is_ignored(small_survey, tmp_path) -> None:
     output = tmp_path / "fits.tbl"
     with pytest.raises(Interrupted):
