@@ -226,29 +226,25 @@ def _settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def write_failures(output: str | AtomicOutput, failures: list[PairOutcome]) -> None:
-    """Write failed pairs with their reasons as CSV, atomically (names that were not valid
-    UTF-8 in the table are written back as the same bytes).
+def write_failures(output: AtomicOutput, failures: list[PairOutcome]) -> None:
+    """Write failed pairs with their reasons as CSV and commit the file (names that were
+    not valid UTF-8 in the table are written back as the same bytes).
 
     Parameters
     ----------
-    output : str or AtomicOutput
-        The CSV file, or an output already opened for it.
+    output : AtomicOutput
+        The CSV file, opened before the run (so that a bad path fails first).
     failures : list of PairOutcome
     """
-    path = output if isinstance(output, str) else output.path
     try:
-        if isinstance(output, str):
-            output = AtomicOutput(output)
         writer = csv.writer(output.stream, lineterminator="\n")
         writer.writerow(["index", "cntr1", "cntr2", "plus", "minus", "diff", "stage", "reason"])
         for o in sorted(failures, key=lambda o: o.index):
             writer.writerow([o.index, o.cntr1, o.cntr2, o.plus, o.minus, o.diff, o.stage, o.reason])
         output.commit()
     except OSError as error:
-        if not isinstance(output, str):
-            output.discard()
-        raise RunError(f"Can't write failures file {path}: {error.strerror or error}") from None
+        output.discard()
+        raise RunError(f"Can't write failures file {output.path}: {error.strerror or error}") from None
 
 
 def _show_progress(requested: bool | None) -> bool:

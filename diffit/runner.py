@@ -173,6 +173,20 @@ class _JournalOutcome(PairOutcome):
         return self.stored_row
 
 
+def _lock(stream, exclusive: bool) -> bool:
+    """Lock an open file for this run without waiting; False when another run holds it
+    (True where there are no locks: not POSIX, or a file system without them)."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        return True
+    try:
+        fcntl.flock(stream.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks
+        pass
+    return True
+
+
 _RECORD_TYPES = {"index": (int,), "stage": (str,), "reason": (str, type(None)),
                  "row": (str, type(None)), "cntr1": (int,), "cntr2": (int,), "plus": (str,),
                  "minus": (str,), "diff": (str,)}
@@ -240,20 +254,17 @@ class _Journal:
         A run holds an exclusive lock on its journal until it ends; without this, a second
         run would replace the first one's journal and the first would delete the second's.
         """
-        if fcntl is None:  # pragma: no cover - not POSIX
-            return
         try:
             stream = open(self.path, "rb")
         except OSError:
             return  # no journal, no run in progress
         with stream:
-            try:
-                fcntl.flock(stream.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunError(f"another diffit run is writing {self.output} (its journal is locked);"
-                               " wait for it to end") from None
-            except OSError:  # a file system without locks
-                pass
+            if not _lock(stream, exclusive=False):
+                raise self._locked()
+
+    def _locked(self) -> RunError:
+        return RunError(f"another diffit run is writing {self.output} (its journal is locked);"
+                        " wait for it to end")
 
     def open(self, keep: dict[int, dict]) -> None:
         directory = os.path.dirname(self.path) or "."
@@ -266,15 +277,9 @@ class _Journal:
                     stream.write(json.dumps(record) + "\n")
             os.replace(temporary, self.path)
             self._stream = open(self.path, "a", encoding="utf-8")
-            if fcntl is not None:
-                try:
-                    fcntl.flock(self._stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # another run took it in the meantime
-                    self._stream.close()
-                    raise RunError(f"another diffit run is writing {self.output}"
-                                   " (its journal is locked); wait for it to end") from None
-                except OSError:  # a file system without locks
-                    pass
+            if not _lock(self._stream, exclusive=True):  # another run took it meanwhile
+                self._stream.close()
+                raise self._locked()
         except OSError as error:  # e.g. ENOSPC
             if temporary is not None and os.path.exists(temporary):
                 os.remove(temporary)
