@@ -23,12 +23,19 @@ _UMASK_LOCK = threading.Lock()
 
 
 def _umask() -> int:
-    """The process's umask (read once: reading it means setting it)."""
+    """The process's umask (read once). Linux reports it in /proc; elsewhere it can only be
+    read by setting it for an instant, which could affect a file another thread creates
+    at that moment."""
     global _UMASK
     with _UMASK_LOCK:
         if _UMASK is None:
-            _UMASK = os.umask(0o022)
-            os.umask(_UMASK)
+            try:
+                with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+                    _UMASK = next(int(line.split()[1], 8) for line in status
+                                  if line.startswith("Umask:"))
+            except (OSError, StopIteration, ValueError, IndexError):
+                _UMASK = os.umask(0o022)
+                os.umask(_UMASK)
         return _UMASK
 
 
