@@ -12,6 +12,7 @@ of an ordinary ``open(path, "w")``:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
@@ -40,9 +41,14 @@ def _umask() -> int:
 
 
 def temporary_prefix(target: str) -> str:
-    """Start of the names of the temporary files of ``target`` (hidden, in its folder; the
-    name is shortened so that the temporary name stays within the file system's limit)."""
-    return f".{os.path.basename(target)[:200]}.diffit-"
+    """Start of the names of the temporary files of ``target`` (hidden, in its folder). A
+    long name is shortened, with a hash of the whole name so that two long names sharing
+    their start do not share a prefix, to keep within the file system's name limit."""
+    name = os.path.basename(target)
+    if len(name) > 200:
+        whole = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        name = f"{name[:180]}-{whole}"
+    return f".{name}.diffit-"
 
 
 def remove_stale_temporaries(path: str, keep: str | None = None) -> int:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -267,22 +266,23 @@ class _Journal:
                         " wait for it to end")
 
     def open(self, keep: dict[int, dict]) -> None:
-        directory = os.path.dirname(self.path) or "."
-        temporary = None
+        """Write the journal afresh (signature, then the kept records), atomically, and
+        hold it open for appending, locked for this run."""
         try:
-            handle, temporary = tempfile.mkstemp(prefix=".diffit-journal-", dir=directory)
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                stream.write(json.dumps(self.signature) + "\n")
+            output = AtomicOutput(self.path)
+            try:
+                output.stream.write(json.dumps(self.signature) + "\n")
                 for record in keep.values():
-                    stream.write(json.dumps(record) + "\n")
-            os.replace(temporary, self.path)
+                    output.stream.write(json.dumps(record) + "\n")
+            except BaseException:
+                output.discard()
+                raise
+            output.commit()
             self._stream = open(self.path, "a", encoding="utf-8")
             if not _lock(self._stream, exclusive=True):  # another run took it meanwhile
                 self._stream.close()
                 raise self._locked()
         except OSError as error:  # e.g. ENOSPC
-            if temporary is not None and os.path.exists(temporary):
-                os.remove(temporary)
             raise RunError(f"Can't write journal {self.path}: {error.strerror or error}") from None
 
     def append(self, outcomes: list[PairOutcome]) -> None:
@@ -467,6 +467,7 @@ def run(
     try:
         journal.open(done)  # holds the output's lock: no other run is writing it
         remove_stale_temporaries(output, keep=writer.file.temporary)
+        remove_stale_temporaries(journal.path)
         restored = [_restore(record) for record in done.values()]
         for outcome in sorted(restored, key=lambda o: o.index):
             _collect(outcome, writer, result)

@@ -101,3 +101,16 @@ def test_undecodable_names_are_written_back_as_their_bytes(tmp_path: Path) -> No
     output.stream.write(name + "\n")
     output.commit()
     assert (tmp_path / "failures.csv").read_bytes() == b"im\xff.fits\n"
+
+
+def test_long_names_sharing_their_start_keep_their_own_temporaries(tmp_path: Path) -> None:
+    from diffit.outputs import remove_stale_temporaries
+
+    first = tmp_path / ("a" * 230 + ".tbl")
+    second = tmp_path / ("a" * 230 + ".tbl.journal")
+    output = AtomicOutput(str(first))
+    assert remove_stale_temporaries(str(second)) == 0
+    assert os.path.exists(output.temporary)
+    assert remove_stale_temporaries(str(first), keep=output.temporary) == 0
+    output.commit()
+    assert first.exists()
