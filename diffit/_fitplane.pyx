@@ -416,10 +416,38 @@ cdef void _row_starts(const double[::1] ys, int64_t[::1] starts) noexcept nogil:
 # so the sums equal Montage's skip-the-pixel sums bit for bit. Nothing exceeds an
 # infinite limit, not even NaN. Pixel counts are sums of 0.0/1.0 weights: exact.
 #
+# A fit pass clips on each pixel's residual from the previous plane, which the rms pass
+# before it stored: one array, overwritten by each rms pass (the extremes at the end
+# evaluate the residuals of the last fit pass again). With x, y and z that makes 32
+# bytes a pixel, which keeps most overlaps in the core's own cache.
+#
 # Each pass works on two pixels at a time (a ``*_step`` function), then on a last
 # single pixel, if any, with the same function (``both`` false: only the first lane is
 # loaded, added or stored, and the second lane's weight is 0).
 # ---------------------------------------------------------------------------------------
+
+
+cdef struct Plane:
+    # The plane a pass measures residuals from, and the residual limit, in both lanes.
+    pair a
+    pair b
+    pair c
+    pair limit
+
+
+cdef Plane _plane(double a, double b, double c, double limit) noexcept nogil:
+    return Plane(pair_set(a), pair_set(b), pair_set(c), pair_set(limit))
+
+
+cdef inline pair _signed_residual(const Plane *p, pair x, pair by, pair z) noexcept nogil:
+    """``z - ((a*x + b*y) + c)``, as Montage evaluates the plane (``by`` is ``b*y``)."""
+    return pair_sub(z, pair_add(pair_add(pair_mul(p.a, x), by), p.c))
+
+
+cdef inline double _residual(double a, double b, double c, double x, double y,
+                             double z) noexcept nogil:
+    """``|z - ((a*x + b*y) + c)|`` for one pixel (the same double as a lane of a pair)."""
+    return fabs(z - ((a * x + b * y) + c))
 
 
 cdef struct ExactSums:
@@ -610,13 +638,9 @@ cdef struct RmsState:
     pair n
 
 
-cdef inline void _rms_step(RmsState *s, const double *x, const double *y, const double *z,
-                           double *r, pair a, pair b, pair c, pair limit,
-                           bint both) noexcept nogil:
-    # z - ((a*x + b*y) + c), as Montage evaluates the plane
-    cdef pair d = pair_sub(_load(z, both),
-                           pair_add(pair_add(pair_mul(a, _load(x, both)),
-                                             pair_mul(b, _load(y, both))), c))
+cdef inline void _rms_step(RmsState *s, const Plane *p, const double *x, pair by,
+                           const double *z, double *r, bint both) noexcept nogil:
+    cdef pair d = _signed_residual(p, _load(x, both), by, _load(z, both))
     cdef pair dz = pair_abs(d)
     if both:
         pair_store(r, dz)
@@ -625,25 +649,24 @@ cdef inline void _rms_step(RmsState *s, const double *x, const double *y, const 
     # dz*dz within the limit, else +0 (exact even for an infinite dz, unlike a weight).
     # d*d is the same double as dz*dz; for a NaN it keeps d's sign, as in the numba
     # kernel and in Montage: LLVM and gcc (-O1 and up) both fold |d|*|d| into d*d.
-    _add_in_order(&s.szz, pair_mask(pair_mul(d, d), dz, limit), both)
-    s.n = pair_add(s.n, pair_keep(dz, limit, pair_weights(both)))
+    _add_in_order(&s.szz, pair_mask(pair_mul(d, d), dz, p.limit), both)
+    s.n = pair_add(s.n, pair_keep(dz, p.limit, pair_weights(both)))
 
 
 cdef RmsSums _rms_pass(const double[::1] xs, const double[::1] ys, const double[::1] zs,
-                       double a, double b, double c, double[::1] residual,
-                       double limit) noexcept nogil:
+                       const Plane *p, double[::1] residual) noexcept nogil:
     """Store every ``|z - plane|``; return the sum of squares and count within limit."""
     cdef RmsState s
-    cdef pair ap = pair_set(a), bp = pair_set(b), cp = pair_set(c), limits = pair_set(limit)
     cdef Py_ssize_t n = xs.shape[0]
     cdef Py_ssize_t k = 0
     s.szz = 0.0
     s.n = pair_set(0.0)
     while k + 1 < n:
-        _rms_step(&s, &xs[k], &ys[k], &zs[k], &residual[k], ap, bp, cp, limits, True)
+        _rms_step(&s, p, &xs[k], pair_mul(p.b, pair_load(&ys[k])), &zs[k], &residual[k], True)
         k += 2
     if k < n:
-        _rms_step(&s, &xs[k], &ys[k], &zs[k], &residual[k], ap, bp, cp, limits, False)
+        _rms_step(&s, p, &xs[k], pair_mul(p.b, pair_load_first(&ys[k])), &zs[k], &residual[k],
+                  False)
     return RmsSums(s.szz, <int64_t>_lane_sum(s.n))
 
 
@@ -657,24 +680,28 @@ cdef FitResult _failed(int status) noexcept nogil:
     return FitResult(status, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
-cdef void _extremes(const double[::1] xs, const double[::1] ys, const double[::1] residual,
-                    double limit, FitResult *result) noexcept nogil:
-    """``xmin``..``ymax`` of the pixels whose residual is within ``limit`` (Montage's
-    start values ``+-1e6`` when there are none)."""
+cdef void _extremes(const double[::1] xs, const double[::1] ys, const double[::1] zs,
+                    double a, double b, double c, double limit,
+                    FitResult *result) noexcept nogil:
+    """``xmin``..``ymax`` of the pixels whose residual from the plane ``a, b, c`` is
+    within ``limit`` (Montage's start values ``+-1e6`` when there are none)."""
     cdef double xmin = 1000000.0, xmax = -1000000.0
     cdef double ymin = 1000000.0, ymax = -1000000.0
+    cdef double x, y
     cdef Py_ssize_t k
     for k in range(xs.shape[0]):
-        if residual[k] > limit:
+        x = xs[k]
+        y = ys[k]
+        if limit != INFINITY and _residual(a, b, c, x, y, zs[k]) > limit:
             continue
-        if xs[k] < xmin:
-            xmin = xs[k]
-        if xs[k] > xmax:
-            xmax = xs[k]
-        if ys[k] < ymin:
-            ymin = ys[k]
-        if ys[k] > ymax:
-            ymax = ys[k]
+        if x < xmin:
+            xmin = x
+        if x > xmax:
+            xmax = x
+        if y < ymin:
+            ymin = y
+        if y > ymax:
+            ymax = y
     result.xmin = xmin
     result.xmax = xmax
     result.ymin = ymin
@@ -683,26 +710,25 @@ cdef void _extremes(const double[::1] xs, const double[::1] ys, const double[::1
 
 cdef FitResult _fit(const double[::1] xs, const double[::1] ys, const double[::1] zs,
                     Mode mode, bint level_only, int n_iterations, bint stop_early,
-                    const int64_t[::1] starts, double[::1] residual,
-                    double[::1] used_residual) noexcept nogil:
+                    const int64_t[::1] starts, double[::1] residual) noexcept nogil:
     """The iterations of :func:`fit_kernel` (see there); ``mode`` picks the fit pass.
 
-    ``starts`` are the row starts of the ``EXACT`` mode (unused otherwise);
-    ``residual`` and ``used_residual`` are scratch arrays of ``len(xs)`` doubles whose
-    contents do not matter: they are read only against an infinite limit (the first fit
-    pass, and the extremes when no later pass ran), which no double exceeds, not even a
-    NaN, before the rms pass has overwritten them.
+    ``starts`` are the row starts of the ``EXACT`` mode (unused otherwise).
+    ``residual`` is a scratch array of ``len(xs)`` doubles: each rms pass stores the
+    residuals from its plane there, and the next fit pass clips on them. Its contents
+    before the first rms pass do not matter: the first fit pass has an infinite limit,
+    which no double exceeds, not even a NaN.
     """
     cdef FitResult result
     cdef Sums sums
     cdef RmsSums rms_sums
+    cdef Plane plane
     cdef double m[3][3]
     cdef double v[3]
     cdef double a = 0.0, b = 0.0, c = 0.0, rms = 0.0
-    cdef double used_limit = INFINITY
+    cdef double used_a = 0.0, used_b = 0.0, used_c = 0.0, used_limit = INFINITY
     cdef double xcenter = 0.0, ycenter = 0.0, npixel = 0.0
     cdef double limit, fit_limit, rms_limit, sn, new_a, new_b, new_c, new_rms
-    cdef double[::1] swap
     cdef bint converged
     cdef int iteration, status
     v[0] = v[1] = v[2] = 0.0
@@ -718,11 +744,10 @@ cdef FitResult _fit(const double[::1] xs, const double[::1] ys, const double[::1
         else:
             sums = _fit_pass_finite(xs, ys, zs, residual, fit_limit)
         sn = <double>sums.count
-        # keep the residuals just clipped on (for the extremes); the other array
-        # receives the new ones
-        swap = used_residual
-        used_residual = residual
-        residual = swap
+        # the plane and limit just clipped on (the extremes evaluate them again)
+        used_a = a
+        used_b = b
+        used_c = c
         used_limit = fit_limit
         xcenter = sums.sx / sn
         ycenter = sums.sy / sn
@@ -750,7 +775,8 @@ cdef FitResult _fit(const double[::1] xs, const double[::1] ys, const double[::1
             new_b = v[1]
             new_c = v[2]
         rms_limit = limit if iteration > 0 else INFINITY
-        rms_sums = _rms_pass(xs, ys, zs, new_a, new_b, new_c, residual, rms_limit)
+        plane = _plane(new_a, new_b, new_c, rms_limit)
+        rms_sums = _rms_pass(xs, ys, zs, &plane, residual)
         new_rms = sqrt(rms_sums.szz / <double>rms_sums.count)
         converged = (
             iteration >= 1
@@ -767,7 +793,7 @@ cdef FitResult _fit(const double[::1] xs, const double[::1] ys, const double[::1
     result.a = a
     result.b = b
     result.c = c
-    _extremes(xs, ys, used_residual, used_limit, &result)
+    _extremes(xs, ys, zs, used_a, used_b, used_c, used_limit, &result)
     result.xcenter = xcenter
     result.ycenter = ycenter
     result.npixel = npixel
@@ -783,7 +809,7 @@ def fit_kernel(const double[::1] xs, const double[::1] ys, const double[::1] zs,
     plane) and an rms pass (residuals from the new plane). The rms pass stores each
     pixel's residual, which is exactly what the next fit pass clips on, so the plane is
     evaluated once per pixel and iteration. ``xmin``..``ymax`` of the last fit pass are
-    found in one pass at the end. With ``stop_early`` the loop ends once the state
+    found in one pass at the end, from the plane that pass clipped on. With ``stop_early`` the loop ends once the state
     ``(a, b, c, rms)`` repeats (every later iteration would reproduce it).
 
     The passes are branch-free: a rejected pixel adds an exact zero, which leaves a
@@ -841,16 +867,13 @@ def fit_kernel(const double[::1] xs, const double[::1] ys, const double[::1] zs,
         mode = EXACT
     else:
         mode = FINITE
-    # residuals for the latest coefficients and those the latest fit pass clipped on;
-    # the row starts of the exact path
-    cdef double[::1] residual = np.empty(n)  # contents unused (see _fit)
-    cdef double[::1] used_residual = np.empty(n)
-    cdef int64_t[::1] starts = np.empty(rows + 1, dtype=np.int64)
+    cdef double[::1] residual = np.empty(n)  # contents unused until written (see _fit)
+    cdef int64_t[::1] starts = np.empty(rows + 1, dtype=np.int64)  # the exact path's rows
     with nogil:
         if mode == EXACT:
             _row_starts(ys, starts)
         result = _fit(xs, ys, zs, mode, level_only, n_iterations, stop_early, starts,
-                      residual, used_residual)
+                      residual)
     return (result.status, result.a, result.b, result.c, result.xmin, result.xmax,
             result.ymin, result.ymax, result.xcenter, result.ycenter, result.npixel,
             result.rms)
