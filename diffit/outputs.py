@@ -185,8 +185,11 @@ class AtomicOutput:
                 self.stream.close()
         except OSError:  # closing flushes the buffer, which may fail again (full disk)
             pass
-        if self.temporary is not None and os.path.exists(self.temporary):
-            os.remove(self.temporary)
+        if self.temporary is not None:
+            try:
+                os.remove(self.temporary)
+            except FileNotFoundError:
+                pass
         self.temporary = None
 
 

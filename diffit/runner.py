@@ -209,79 +209,101 @@ def _valid_record(record: object, total: int) -> bool:
 
 
 class _Journal:
-    """Append-only record of finished pairs, for resuming an interrupted run."""
+    """Append-only record of finished pairs, for resuming an interrupted run.
+
+    The journal is also the output's lock: a run opens it (creating it if need be) and
+    takes an exclusive lock on it before it writes or removes anything, holds the lock
+    until it ends, and never replaces the file, so two runs on one output always lock
+    the same file and the second is refused.
+    """
 
     def __init__(self, path: str, signature: dict, output: str = "") -> None:
         self.path = path
         self.signature = signature
         self.output = output or path[:-len(JOURNAL_SUFFIX)]
+        self._stream = None
+        self._created = False
+
+    def acquire(self) -> None:
+        """Open and lock the journal for this run.
+
+        Raises
+        ------
+        RunError
+            Another run holds it, or it cannot be opened.
+        """
+        for _ in range(100):  # another run may remove the file between our open and lock
+            created = False
+            try:
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                    created = True
+                except FileExistsError:
+                    try:
+                        fd = os.open(self.path, os.O_RDWR)
+                    except FileNotFoundError:
+                        continue  # removed just now: create it afresh
+            except OSError as error:
+                raise RunError(f"Can't write journal {self.path}: {_reason(error)}") from None
+            stream = open(fd, "r+", encoding="utf-8", newline="")
+            if not _lock(stream, exclusive=True):
+                stream.close()
+                raise self._locked()
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except OSError:
+                same = False
+            if same:
+                self._stream, self._created = stream, created
+                return
+            stream.close()  # we locked a file that another run has just removed
+        raise self._locked()  # pragma: no cover - the file keeps vanishing
+
+    def _locked(self) -> RunError:
+        return RunError(f"another diffit run is writing {self.output} (its journal is locked);"
+                        " wait for it to end")
 
     def load(self) -> dict[int, dict]:
         """Records of a previous run with the same signature (empty when none)."""
-        if not os.path.exists(self.path):
-            return {}
         done: dict[int, dict] = {}
         corrupt = RunError(f"journal {self.path} is corrupt; remove it")
         try:
-            with open(self.path, encoding="utf-8") as stream:
+            self._stream.seek(0)
+            first = self._stream.readline()
+            if not first:
+                return done  # a new (or empty) journal
+            try:
+                signature = json.loads(first)
+            except json.JSONDecodeError:
+                raise corrupt from None
+            if signature != self.signature:
+                raise RunError(
+                    f"journal {self.path} belongs to a run with other inputs or options;"
+                    " remove it or rerun without --resume"
+                )
+            for line in self._stream:
                 try:
-                    first = json.loads(stream.readline())
+                    record = json.loads(line)
                 except json.JSONDecodeError:
-                    raise corrupt from None
-                if first != self.signature:
-                    raise RunError(
-                        f"journal {self.path} belongs to a run with other inputs or options;"
-                        " remove it or rerun without --resume"
-                    )
-                for line in stream:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        break  # a torn last line from a crash: that batch is redone
-                    if not _valid_record(record, self.signature["pairs"]):
-                        raise corrupt
-                    done[record["index"]] = record
+                    break  # a torn last line from a crash: that batch is redone
+                if not _valid_record(record, self.signature["pairs"]):
+                    raise corrupt
+                done[record["index"]] = record
         except UnicodeDecodeError:
             raise corrupt from None
         except OSError as error:
             raise RunError(f"Can't read journal {self.path}: {error.strerror or error}") from None
         return done
 
-    def check_unlocked(self) -> None:
-        """RunError when another run holds this journal: it is writing the same output.
-
-        A run holds an exclusive lock on its journal until it ends; without this, a second
-        run would replace the first one's journal and the first would delete the second's.
-        """
+    def start(self, keep: dict[int, dict]) -> None:
+        """Write the journal afresh: this run's signature, then the kept records."""
         try:
-            stream = open(self.path, "rb")
-        except OSError:
-            return  # no journal, no run in progress
-        with stream:
-            if not _lock(stream, exclusive=False):
-                raise self._locked()
-
-    def _locked(self) -> RunError:
-        return RunError(f"another diffit run is writing {self.output} (its journal is locked);"
-                        " wait for it to end")
-
-    def open(self, keep: dict[int, dict]) -> None:
-        """Write the journal afresh (signature, then the kept records), atomically, and
-        hold it open for appending, locked for this run."""
-        try:
-            output = AtomicOutput(self.path)
-            try:
-                output.stream.write(json.dumps(self.signature) + "\n")
-                for record in keep.values():
-                    output.stream.write(json.dumps(record) + "\n")
-            except BaseException:
-                output.discard()
-                raise
-            output.commit()
-            self._stream = open(self.path, "a", encoding="utf-8")
-            if not _lock(self._stream, exclusive=True):  # another run took it meanwhile
-                self._stream.close()
-                raise self._locked()
+            self._stream.seek(0)
+            self._stream.truncate()
+            self._stream.write(json.dumps(self.signature) + "\n")
+            for record in keep.values():
+                self._stream.write(json.dumps(record) + "\n")
+            self._stream.flush()
         except OSError as error:  # e.g. ENOSPC
             raise RunError(f"Can't write journal {self.path}: {error.strerror or error}") from None
 
@@ -293,14 +315,31 @@ class _Journal:
             raise RunError(f"Can't write journal {self.path}: {error.strerror or error}") from None
 
     def close(self) -> None:
-        stream = getattr(self, "_stream", None)
+        """Release the lock, keeping the journal (for ``--resume``)."""
+        stream, self._stream = self._stream, None
         if stream is not None:
-            stream.close()
+            try:
+                stream.close()
+            except OSError:  # the final flush failed (full disk): the journal is torn
+                pass
+
+    def abandon(self) -> None:
+        """Release the lock of a run that did not start; a journal it created goes."""
+        if self._created and self._stream is not None:
+            self._remove_locked()
+        self.close()
 
     def remove(self) -> None:
+        """Remove the journal of a finished run (while still holding its lock)."""
+        if self._stream is not None:
+            self._remove_locked()
         self.close()
-        if os.path.exists(self.path):
+
+    def _remove_locked(self) -> None:
+        try:
             os.remove(self.path)
+        except FileNotFoundError:
+            pass
 
 
 class _OrderedWriter:
@@ -309,12 +348,6 @@ class _OrderedWriter:
     def __init__(self, output: str,
                  on_outcome: Callable[[PairOutcome], None] | None = None) -> None:
         self.on_outcome = on_outcome
-        try:
-            directory = os.path.dirname(destination(output)) or "."
-        except OSError as error:  # a loop of symbolic links
-            raise RunError(f"Can't open output file {output}: {_reason(error)}") from None
-        if not os.path.isdir(directory):
-            raise RunError(f"Can't open output file {output}: folder {directory} does not exist")
         try:
             self.file = AtomicOutput(output, encoding="ascii")
         except OSError as error:
@@ -352,6 +385,16 @@ class _OrderedWriter:
 
     def discard(self) -> None:
         self.file.discard()
+
+
+def _check_output_folder(output: str) -> None:
+    """RunError unless the folder the output will be written in exists."""
+    try:
+        directory = os.path.dirname(destination(output)) or "."
+    except OSError as error:  # a loop of symbolic links
+        raise RunError(f"Can't open output file {output}: {_reason(error)}") from None
+    if not os.path.isdir(directory):
+        raise RunError(f"Can't open output file {output}: folder {directory} does not exist")
 
 
 def _reason(error: OSError) -> str:
@@ -456,16 +499,21 @@ def run(
                  "diffs_sha256": _file_digest(diffs), "template_sha256": parsed_template.digest}
     if keep_all:  # the kept images of the journal's pairs are in that folder
         signature["diffdir"] = os.path.abspath(diffdir)
+    _check_output_folder(output)
     journal = _Journal(journal_path(output), signature, output)
-    journal.check_unlocked()
-    done = journal.load() if resume else {}
-    writer = _OrderedWriter(output, on_outcome)
+    journal.acquire()  # the output's lock, held until the run ends: taken before any write
+    try:
+        done = journal.load() if resume else {}
+        writer = _OrderedWriter(output, on_outcome)
+        bar = _make_bar(progress, total)
+    except BaseException:
+        journal.abandon()
+        raise
     result = RunResult(outcomes=[] if keep_outcomes else None)
     keep_freed_memory()  # per-pair arrays are recycled, not faulted in afresh
-    bar = _make_bar(progress, total)
     finished = 0
     try:
-        journal.open(done)  # holds the output's lock: no other run is writing it
+        journal.start(done)
         remove_stale_temporaries(output, keep=writer.file.temporary)
         remove_stale_temporaries(journal.path)
         restored = [_restore(record) for record in done.values()]
@@ -498,8 +546,9 @@ def run(
             bar.close()
     try:
         writer.commit()
-    finally:
-        journal.close()  # kept if the commit fails, so that --resume can finish the run
+    except BaseException:
+        journal.close()  # kept, so that --resume can finish the run
+        raise
     journal.remove()
     if result.outcomes is not None:
         result.outcomes.sort(key=lambda o: o.index)

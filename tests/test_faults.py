@@ -496,13 +496,13 @@ class _FullDisk:
 def _fill_disk(monkeypatch, where: str) -> None:
     """Make fits.tbl row writes, its final flush, or the journal fail with ENOSPC."""
     if where == "journal":
-        open_journal = diffit.runner._Journal.open
+        start_journal = diffit.runner._Journal.start
 
-        def full_open(self, keep):
-            open_journal(self, keep)
+        def full_start(self, keep):
+            start_journal(self, keep)
             self._stream = _FullDisk(self._stream, "write")
 
-        monkeypatch.setattr(diffit.runner._Journal, "open", full_open)
+        monkeypatch.setattr(diffit.runner._Journal, "start", full_start)
         return
     init = diffit.runner._OrderedWriter.__init__
 

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
+
+import diffit.runner
 
 from diffit.runner import Interrupted, RunError, process_batch, run
 from diffit.tables import FITS_TBL_HEADER
@@ -191,6 +194,42 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(small_s
     _run(small_survey, output, jobs=1, on_outcome=second_run)
     assert refused and output.read_bytes() == reference.read_bytes()
     _run(small_survey, output, jobs=1)  # the lock ends with the run
+
+
+def test_the_lock_is_taken_before_the_run_writes_anything(small_survey, tmp_path, monkeypatch) -> None:
+    """A second run starting while the first opens its output (before any row) is refused:
+    the journal was once written into place first and locked after, so two runs starting
+    together locked different files and deleted each other's temporary fits.tbl."""
+    output = tmp_path / "fits.tbl"
+    reference = tmp_path / "reference.tbl"
+    _run(small_survey, reference, jobs=1)
+    init = diffit.runner._OrderedWriter.__init__
+    refused = []
+
+    def racing_init(self, *args, **kwargs):
+        if not refused:
+            refused.append(None)
+            with pytest.raises(RunError, match="another diffit run is writing") as caught:
+                _run(small_survey, output, jobs=1)
+            refused[0] = str(caught.value)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffit.runner._OrderedWriter, "__init__", racing_init)
+    _run(small_survey, output, jobs=1)
+    assert refused[0] and output.read_bytes() == reference.read_bytes()
+    assert not Path(str(output) + ".journal").exists()
+
+
+def test_a_run_that_cannot_start_leaves_no_journal(small_survey, tmp_path) -> None:
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "fits.tbl"
+    output.mkdir()  # found only once the run holds the lock, when fits.tbl is opened
+    with pytest.raises(RunError, match="Can't open output file"):
+        _run(small_survey, output, jobs=1)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["fits.tbl"]
+    with pytest.raises(RunError, match="does not exist"):
+        _run(small_survey, tmp_path / "no-such-folder" / "fits.tbl", jobs=1)
+    assert not (tmp_path / "no-such-folder").exists()
 
 
 def test_temporary_files_of_a_killed_run_are_removed_by_the_next(small_survey, tmp_path) -> None:
