@@ -39,28 +39,36 @@ cdef extern from *:
     #include <unistd.h>
     #endif
 
-    /* Read nbytes at offset of a file at least min_size bytes long into buffer.
-       Returns 0, an errno value, or -1 when the file is shorter than that. */
-    static int diffit_read_at(const char *path, long long offset, long long min_size,
-                              char *buffer, long long nbytes)
+    /* Read nrows rows of row_bytes bytes, row_stride bytes apart from offset on, of a
+       file at least min_size bytes long, into buffer (row after row). Rows that are
+       contiguous in the file are read in one go. Returns 0, an errno value, or -1 when
+       the file is shorter than that (also when it shrinks while being read). */
+    static int diffit_read_rows(const char *path, long long offset, long long min_size,
+                                char *buffer, long long row_bytes, long long row_stride,
+                                long long nrows)
     {
-        long long done = 0;
+        long long chunk_bytes = row_bytes, nchunks = nrows, k;
         int status = 0;
+        if (row_stride == row_bytes) { chunk_bytes = row_bytes * nrows; nchunks = 1; }
     #ifdef _WIN32
         struct _stati64 info;
         int fd = _open(path, _O_RDONLY | _O_BINARY);
         if (fd < 0) return errno;
         if (_fstati64(fd, &info) != 0) { status = errno; goto finish; }
         if ((long long)info.st_size < min_size) { status = -1; goto finish; }
-        if (_lseeki64(fd, offset, SEEK_SET) < 0) { status = errno; goto finish; }
-        while (done < nbytes) {
-            long long chunk = nbytes - done;
-            int got;
-            if (chunk > (1 << 30)) chunk = 1 << 30;
-            got = _read(fd, buffer + done, (unsigned int)chunk);
-            if (got < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
-            if (got == 0) { status = -1; goto finish; }
-            done += got;
+        for (k = 0; k < nchunks; k++) {
+            char *target = buffer + k * chunk_bytes;
+            long long done = 0;
+            if (_lseeki64(fd, offset + k * row_stride, SEEK_SET) < 0) { status = errno; goto finish; }
+            while (done < chunk_bytes) {
+                long long part = chunk_bytes - done;
+                int got;
+                if (part > (1 << 30)) part = 1 << 30;
+                got = _read(fd, target + done, (unsigned int)part);
+                if (got < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
+                if (got == 0) { status = -1; goto finish; }
+                done += got;
+            }
         }
     finish:
         _close(fd);
@@ -72,11 +80,16 @@ cdef extern from *:
         if (fstat(fd, &info) != 0) { status = errno; goto finish; }
         if (!S_ISREG(info.st_mode)) { status = EINVAL; goto finish; }
         if ((long long)info.st_size < min_size) { status = -1; goto finish; }
-        while (done < nbytes) {
-            ssize_t got = pread(fd, buffer + done, (size_t)(nbytes - done), (off_t)(offset + done));
-            if (got < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
-            if (got == 0) { status = -1; goto finish; }
-            done += got;
+        for (k = 0; k < nchunks; k++) {
+            char *target = buffer + k * chunk_bytes;
+            long long start = offset + k * row_stride, done = 0;
+            while (done < chunk_bytes) {
+                ssize_t got = pread(fd, target + done, (size_t)(chunk_bytes - done),
+                                    (off_t)(start + done));
+                if (got < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
+                if (got == 0) { status = -1; goto finish; }
+                done += got;
+            }
         }
     finish:
         close(fd);
@@ -84,8 +97,9 @@ cdef extern from *:
         return status;
     }
     """
-    int diffit_read_at(const char *path, long long offset, long long min_size,
-                       char *buffer, long long nbytes) nogil
+    int diffit_read_rows(const char *path, long long offset, long long min_size,
+                         char *buffer, long long row_bytes, long long row_stride,
+                         long long nrows) nogil
 
 
 cdef extern from *:
@@ -300,10 +314,21 @@ cdef void _convert_double(const uint8_t *band, Py_ssize_t row_bytes, Py_ssize_t 
             p += size
 
 
+#: Rows a window spans are read whole when they hold at most this many times the
+#: window's bytes, or at most :data:`BAND_BYTES`; else only the window's part of each.
+BAND_FACTOR = 8
+BAND_BYTES = 4 << 20
+
+
 def read_window(path, Py_ssize_t data_offset, int bitpix, Py_ssize_t naxis1,
                 Py_ssize_t data_bytes, Py_ssize_t row0, Py_ssize_t row1, Py_ssize_t col0,
                 Py_ssize_t col1, double scale, double zero, blank):
     """Physical values of a window of a plain (uncompressed) image's first plane.
+
+    The rows the window spans are read whole, in one positioned read, unless they hold
+    much more than the window (more than :data:`BAND_FACTOR` times its bytes and more
+    than :data:`BAND_BYTES`): then each row's part of the window is read on its own.
+    Nothing is mapped, so a file that shrinks while it is read is reported as truncated.
 
     Parameters
     ----------
@@ -341,8 +366,13 @@ def read_window(path, Py_ssize_t data_offset, int bitpix, Py_ssize_t naxis1,
     if not (0 <= row0 <= row1 and 0 <= col0 <= col1 <= naxis1):
         raise ValueError("the window is not inside the image")
     cdef Py_ssize_t size = bitpix // 8 if bitpix > 0 else -bitpix // 8
-    cdef Py_ssize_t row_bytes = naxis1 * size
     cdef Py_ssize_t rows = row1 - row0
+    cdef Py_ssize_t window_bytes = (col1 - col0) * size
+    cdef Py_ssize_t row_stride = naxis1 * size  # bytes between rows in the file
+    cdef bint whole_rows = rows * row_stride <= max(BAND_FACTOR * rows * window_bytes, BAND_BYTES)
+    # each row of the buffer: the whole file row, or only the window's part of it
+    cdef Py_ssize_t row_bytes = row_stride if whole_rows else window_bytes
+    cdef Py_ssize_t first_col = col0 if whole_rows else 0
     cdef Py_ssize_t nbytes = rows * row_bytes
     cdef bint scaled = scale != 1.0 or zero != 0.0
     cdef bint has_blank = False
@@ -352,7 +382,7 @@ def read_window(path, Py_ssize_t data_offset, int bitpix, Py_ssize_t naxis1,
         blank_value = blank
     cdef bytes encoded = os.fsencode(path)
     cdef const char *c_path = encoded
-    cdef long long offset = data_offset + row0 * row_bytes
+    cdef long long offset = data_offset + row0 * row_stride + (0 if whole_rows else col0 * size)
     cdef long long min_size = data_offset + data_bytes
     cdef bint as_float32 = bitpix == -32 and not scaled
     out = np.empty((rows, col1 - col0), dtype=np.float32 if as_float32 else np.float64)
@@ -368,14 +398,15 @@ def read_window(path, Py_ssize_t data_offset, int bitpix, Py_ssize_t naxis1,
     cdef int status
     try:
         with nogil:
-            status = diffit_read_at(c_path, offset, min_size, <char*>band, nbytes)
+            status = diffit_read_rows(c_path, offset, min_size, <char*>band, row_bytes,
+                                      row_stride, rows)
             if status == 0:
                 if as_float32:
-                    _convert_float32(band, row_bytes, col0, out32)
+                    _convert_float32(band, row_bytes, first_col, out32)
                 elif bitpix == -64 and not scaled:
-                    _convert_float64(band, row_bytes, col0, out64)
+                    _convert_float64(band, row_bytes, first_col, out64)
                 else:
-                    _convert_double(band, row_bytes, col0, bitpix, scaled, scale, zero,
+                    _convert_double(band, row_bytes, first_col, bitpix, scaled, scale, zero,
                                     has_blank, blank_value, out64)
     finally:
         free(band)

@@ -37,7 +37,6 @@ import bz2
 import gzip
 import io
 import math
-import mmap
 import os
 import stat
 import threading
@@ -478,23 +477,15 @@ def _to_physical(image: OpenImage, raw: np.ndarray) -> np.ndarray:
 _BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
 
-#: A window is read with one ``read`` of the whole rows it spans when those hold at most
-#: this many times the window's own bytes (or at most :data:`_BAND_BYTES`); otherwise
-#: (a narrow window of very wide rows) only its pages are touched, through a map.
-_BAND_FACTOR = 8
-_BAND_BYTES = 4 << 20
-
-
 def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
     """A window of an uncompressed image, read without keeping anything mapped.
 
-    Usually the rows the window spans are read with one positioned read and converted,
-    all in one compiled call that holds no GIL (see :mod:`diffit._fitsread`): cheaper
-    than mapping the file, faulting its pages in and unmapping it, and a single point
-    where worker threads meet. A window much narrower than its rows is read through a
-    memory map held only for this read instead, which touches only the pages the
-    window lies on. Either way nothing of the file stays in the process's memory,
-    however many images are open and however large they are.
+    The rows the window spans (or, for a narrow window of very wide rows, each row's
+    part of it) are read and converted in one compiled call that holds no GIL (see
+    :mod:`diffit._fitsread`): cheaper than mapping the file and faulting its pages in,
+    a single point where worker threads meet, and safe against a file that shrinks while
+    it is read (a map would then kill the process with SIGBUS). Nothing of the file stays
+    in the process's memory, however many images are open and however large they are.
     """
     if image.layout is None:  # parsed once per open file: header lookups are slow
         header = image.hdu.header
@@ -504,31 +495,25 @@ def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
     dtype, shape, offset = image.layout
     row0, row1, step = index[-2].indices(shape[-2])
     col0, col1, col_step = index[-1].indices(shape[-1])
-    rows = len(range(row0, row1, step))
-    columns = len(range(col0, col1, col_step))
-    row_bytes = shape[-1] * dtype.itemsize
-    data_bytes = dtype.itemsize * math.prod(shape)
-    if step == 1 and col_step == 1 and rows * row_bytes <= max(
-            _BAND_FACTOR * rows * columns * dtype.itemsize, _BAND_BYTES):
-        # The window lies in the first plane, which starts where the data do.
-        bitpix = 8 * dtype.itemsize * (-1 if dtype.kind == "f" else 1)
-        try:
-            return _fitsread.read_window(image.path, offset, bitpix, shape[-1], data_bytes,
-                                         row0, max(row0, row1), col0, max(col0, col1),
-                                         image.scale, image.zero, image.blank)
-        except _fitsread.TruncatedFile:
-            raise ImageError(f"{image.path}: the file is truncated") from None
-    with open(image.path, "rb", buffering=0) as stream:
-        if os.fstat(stream.fileno()).st_size < offset + data_bytes:
-            raise ImageError(f"{image.path}: the file is truncated")
-        mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+    if step != 1 or col_step != 1:  # not what diffit asks for: read the span, then pick
+        picked_rows = np.arange(row0, row1, step)
+        picked_cols = np.arange(col0, col1, col_step)
+        if picked_rows.size == 0 or picked_cols.size == 0:
+            return _read_plain(image, index[:-2] + (slice(0, 0), slice(0, 0)))[
+                :picked_rows.size, :picked_cols.size]
+        top, left = picked_rows.min(), picked_cols.min()
+        span = _read_plain(image, index[:-2] + (slice(top, picked_rows.max() + 1),
+                                                slice(left, picked_cols.max() + 1)))
+        return span[np.ix_(picked_rows - top, picked_cols - left)]
+    # The window lies in the first plane, which starts where the data do.
+    bitpix = 8 * dtype.itemsize * (-1 if dtype.kind == "f" else 1)
     try:
-        raw = np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset)[index]
-        window = _to_physical(image, raw)
-        del raw
-    finally:
-        mapped.close()
-    return window
+        return _fitsread.read_window(image.path, offset, bitpix, shape[-1],
+                                     dtype.itemsize * math.prod(shape),
+                                     row0, max(row0, row1), col0, max(col0, col1),
+                                     image.scale, image.zero, image.blank)
+    except _fitsread.TruncatedFile:
+        raise ImageError(f"{image.path}: the file is truncated") from None
 
 
 def read_window(image: OpenImage, rows: slice, cols: slice) -> np.ndarray:

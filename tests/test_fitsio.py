@@ -4,6 +4,7 @@ files becoming one-line :class:`ImageError` reasons without tracebacks or warnin
 from __future__ import annotations
 
 import functools
+import os
 import gzip
 import tempfile
 import warnings
@@ -16,6 +17,7 @@ from astropy.io import fits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import diffit._fitsread
 import diffit.fitsio
 from diffit.fitsio import ImageError, ImageReader, open_image, read_window
 from test_pair import image_hdu, wcs_header, write_hdu
@@ -390,22 +392,40 @@ def test_plain_files_open_without_astropy_exactly_as_with_it(tmp_path: Path, fmt
 
 
 @pytest.mark.parametrize("fmt", ["f4", "i2", "cube-i2"])
-def test_row_band_and_memory_map_reads_agree(tmp_path: Path, fmt: str, monkeypatch) -> None:
-    """Windows read as whole-row bands and through a map (narrow windows) are the same."""
+def test_row_band_and_window_row_reads_agree(tmp_path: Path, fmt: str, monkeypatch) -> None:
+    """Windows read as whole-row bands and row by row (narrow windows) are the same."""
     data = _physical(np.random.default_rng(9))
     path = str(write_hdu(image_hdu(data, wcs_header(0, 0), fmt), tmp_path / "a.fits"))
     windows = [(ROWS, COLS), (slice(0, 30), slice(39, 40)), (slice(29, 30), slice(0, 40)),
                (slice(0, 30, 2), slice(1, 5))]
     with ImageReader() as reader:
         banded = [read_window(reader.get(path), *w) for w in windows]
-    monkeypatch.setattr(diffit.fitsio, "_BAND_FACTOR", 0)
-    monkeypatch.setattr(diffit.fitsio, "_BAND_BYTES", 0)
+    monkeypatch.setattr(diffit._fitsread, "BAND_FACTOR", 0)
+    monkeypatch.setattr(diffit._fitsread, "BAND_BYTES", 0)
     with ImageReader() as reader:
-        mapped = [read_window(reader.get(path), *w) for w in windows]
-    for (rows, cols), a, b in zip(windows, banded, mapped):
+        by_rows = [read_window(reader.get(path), *w) for w in windows]
+    for (rows, cols), a, b in zip(windows, banded, by_rows):
         np.testing.assert_array_equal(a, b)
         expected = _window(Path(path), rows, cols)
         np.testing.assert_array_equal(a, expected)
+
+
+@pytest.mark.parametrize("by_rows", [False, True])
+def test_a_file_that_shrinks_after_it_was_opened_reads_as_truncated(tmp_path: Path, monkeypatch,
+                                                                   by_rows: bool) -> None:
+    """Nothing is mapped: an image cut short while a run reads it fails its pair (a map
+    of the narrow-window path once killed the whole process with SIGBUS)."""
+    data = _physical(np.random.default_rng(11))
+    path = write_hdu(image_hdu(data, wcs_header(0, 0), "f4"), tmp_path / "a.fits")
+    if by_rows:
+        monkeypatch.setattr(diffit._fitsread, "BAND_FACTOR", 0)
+        monkeypatch.setattr(diffit._fitsread, "BAND_BYTES", 0)
+    with ImageReader() as reader:
+        image = reader.get(str(path))
+        with open(path, "r+b") as stream:
+            stream.truncate(os.path.getsize(path) // 2)
+        with pytest.raises(ImageError, match="a.fits: the file is truncated"):
+            read_window(image, slice(20, 30), slice(0, 40))
 
 
 def test_unscaled_float_images_keep_their_precision(tmp_path: Path) -> None:
@@ -420,7 +440,7 @@ def test_unscaled_float_images_keep_their_precision(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["f4", "f8"])
 @pytest.mark.parametrize("scaled", [False, True])
-@pytest.mark.parametrize("path_kind", ["band", "mapped", "gzip"])
+@pytest.mark.parametrize("path_kind", ["band", "rows", "gzip"])
 def test_float_pixels_are_screened_as_cfitsio_does(tmp_path: Path, monkeypatch, fmt, scaled,
                                                    path_kind) -> None:
     """As Montage reads images (CFITSIO with a null value): NaN and infinities become
@@ -442,9 +462,9 @@ def test_float_pixels_are_screened_as_cfitsio_does(tmp_path: Path, monkeypatch, 
         hdu.header["BZERO"] = -3.0
     name = tmp_path / ("img.fits.gz" if path_kind == "gzip" else "img.fits")
     hdu.writeto(name, output_verify="silentfix")
-    if path_kind == "mapped":
-        monkeypatch.setattr(diffit.fitsio, "_BAND_FACTOR", 0)
-        monkeypatch.setattr(diffit.fitsio, "_BAND_BYTES", 0)
+    if path_kind == "rows":
+        monkeypatch.setattr(diffit._fitsread, "BAND_FACTOR", 0)
+        monkeypatch.setattr(diffit._fitsread, "BAND_BYTES", 0)
     with ImageReader() as reader:
         window = read_window(reader.get(str(name)), slice(2, 3), slice(0, 20))[0]
     scale, zero = (2.0, -3.0) if scaled else (1.0, 0.0)
