@@ -275,6 +275,7 @@ def _run_settings(s: dict) -> int:
                   progress=_show_progress(s.get("progress")), resume=s.get("resume", False))
     failures = None
     if s.get("failures"):  # refused before the run, not after fits.tbl is written
+        _check_failures_path(s)
         try:
             failures = AtomicOutput(s["failures"])
         except OSError as error:
@@ -290,6 +291,24 @@ def _run_settings(s: dict) -> int:
         remove_stale_temporaries(s["failures"])  # of runs that were killed
     _print_summary(result, s["output"])
     return 0
+
+
+def _check_failures_path(s: dict) -> None:
+    """ConfigError when the failures CSV would replace the output or an input file."""
+    failures = os.path.realpath(s["failures"])
+    for key, what in (("output", "the output file"), ("diffs", "the overlap table"),
+                      ("template", "the template")):
+        other = s.get(key)
+        if other is None:
+            continue
+        same = os.path.realpath(other) == failures
+        if not same and os.path.exists(other) and os.path.exists(s["failures"]):
+            try:
+                same = os.path.samefile(other, s["failures"])
+            except OSError:
+                same = False
+        if same:
+            raise ConfigError(f"--failures {s['failures']} is {what}; give the CSV another name")
 
 
 def _run_backend(s: dict, backend: str, kwargs: dict) -> RunResult:

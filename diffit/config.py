@@ -16,6 +16,8 @@ KEYS: dict[str, type] = {
     "progress": bool, "failures": str, "resume": bool, "backend": str, "scheduler": str,
     "batch_size": int,
 }
+#: Keys whose values are one of a few words (as on the command line).
+CHOICES: dict[str, tuple[str, ...]] = {"backend": ("threads", "processes", "dask")}
 #: Keys whose values are paths, resolved against the config file's folder.
 PATH_KEYS = frozenset({"projdir", "diffs", "template", "output", "diffdir", "failures"})
 
@@ -65,6 +67,11 @@ def load_config(path: str | os.PathLike) -> dict:
             raise ConfigError(
                 f"config file {name}: {key} must be {expected.__name__}, not {type(value).__name__}"
             )
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"config file {name}: {key} must be one of "
+                              f"{', '.join(CHOICES[key])}, not {value!r}")
+        if isinstance(value, str) and "\0" in value:
+            raise ConfigError(f"config file {name}: {key} contains a NUL character")
         if key in PATH_KEYS:
             value = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
         settings[key] = value

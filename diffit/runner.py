@@ -587,6 +587,9 @@ def _check_backend(backend: str) -> None:
 
     if backend not in joblib.parallel.BACKENDS:
         raise RunError(f"unknown backend {backend!r} (use threads, processes or dask)")
+    if joblib.parallel.BACKENDS[backend].supports_return_generator is False:
+        raise RunError(f"joblib backend {backend!r} cannot return results as they complete"
+                       " (use threads, processes or dask)")
 
 
 def _file_digest(path: str) -> str:

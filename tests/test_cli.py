@@ -93,7 +93,11 @@ def _run_args(survey, tmp_path, *extra):
     (["--batch-size", "-5"], "", "batch size must be at least 1"),
     (["--jobs", "100000"], "", "jobs must be at most 1024"),
     ([], "jobs = 99999999\n", "jobs must be at most 1024"),
-    ([], 'backend = "bogus"\n', "unknown backend 'bogus'"),
+    ([], 'backend = "bogus"\n', "backend must be one of threads, processes, dask, not 'bogus'"),
+    ([], 'backend = "multiprocessing"\n', "backend must be one of threads, processes, dask"),
+    (["--failures", "{out}"], "", "--failures {out} is the output file; give the CSV another name"),
+    (["--failures", "{diffs}"], "", "is the overlap table; give the CSV another name"),
+    ([], 'failures = "{out}"\n', "is the output file"),
     (["--scheduler", "tcp://127.0.0.1:1"], "", "--scheduler (a Dask scheduler address) needs --backend dask"),
     (["--failures", "/nonexistent/failures.csv"], "", "Can't write failures file /nonexistent/failures.csv"),
     (["--keep-diffs"], "", "--keep-diffs needs --diffdir"),
@@ -103,15 +107,20 @@ def test_bad_run_settings_give_one_line_and_keep_fits_tbl(small_survey, tmp_path
     (tmp_path / "out").mkdir()
     output = tmp_path / "out" / "fits.tbl"
     output.write_text("previous run\n")
+    names = {"out": str(output), "diffs": str(small_survey.diffs)}
+    extra = [a.format(**names) for a in extra]
+    fragment = fragment.format(**names)
+    diffs_before = small_survey.diffs.read_bytes()
     args = _run_args(small_survey, tmp_path, *extra)
     if config:
-        (tmp_path / "c.toml").write_text(config)
+        (tmp_path / "c.toml").write_text(config.format(**names))
         args += ["--config", str(tmp_path / "c.toml")]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("diffit: error: ") and fragment in err and err.count("\n") == 1, err
     assert output.read_text() == "previous run\n"
     assert sorted(p.name for p in output.parent.iterdir()) == ["fits.tbl"]
+    assert small_survey.diffs.read_bytes() == diffs_before
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -22,6 +22,8 @@ def test_paths_resolve_against_the_config_folder(tmp_path) -> None:
     ("jobs = true\n", "jobs must be int"),
     ("level_only = 1\n", "level_only must be bool"),
     ("projdir = \n", "not valid TOML"),
+    ("backend = 'loky'\n", "backend must be one of threads, processes, dask, not 'loky'"),
+    ('failures = "a\\u0000b"\n', "failures contains a NUL character"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, text, message) -> None:
     config = tmp_path / "bad.toml"

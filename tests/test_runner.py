@@ -133,6 +133,7 @@ def test_resume_with_a_damaged_journal_record_is_a_clear_error(small_survey, tmp
     ({"batch_size": -5}, "batch size must be at least 1"),
     ({"jobs": 100_000}, "jobs must be at most 1024"),
     ({"backend": "bogus"}, "unknown backend 'bogus'"),
+    ({"backend": "multiprocessing"}, "backend 'multiprocessing' cannot return results as they complete"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(small_survey, tmp_path, kwargs, message) -> None:
     output = tmp_path / "out" / "fits.tbl"
