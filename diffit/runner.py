@@ -28,7 +28,7 @@ from diffit.allocator import keep_freed_memory
 from diffit.fitsio import ImageReader
 from diffit.outputs import AtomicOutput, destination, remove_stale_temporaries
 from diffit.headers import Template, read_template
-from diffit.pair import PairOptions, PairOutcome, process_pair
+from diffit.pair import PairOptions, PairOutcome, diff_paths, process_pair
 from diffit.tables import FITS_TBL_HEADER, OverlapPair, iter_overlap_table
 
 log = logging.getLogger(__name__)
@@ -512,13 +512,14 @@ def run(
     result = RunResult(outcomes=[] if keep_outcomes else None)
     keep_freed_memory()  # per-pair arrays are recycled, not faulted in afresh
     finished = 0
+    kept_names = _KeptNames(diffs, diffdir) if keep_all else None
     try:
         journal.start(done)
         remove_stale_temporaries(output, keep=writer.file.temporary)
         remove_stale_temporaries(journal.path)
         restored = [_restore(record) for record in done.values()]
         for outcome in sorted(restored, key=lambda o: o.index):
-            _collect(outcome, writer, result)
+            _collect(outcome, writer, result, kept_names)
         finished = len(restored)
         if bar is not None and finished:
             bar(finished)
@@ -528,7 +529,7 @@ def run(
         for outcomes in _execute(batches, parsed_template, options, jobs, backend, task):
             journal.append(outcomes)
             for outcome in outcomes:
-                _collect(outcome, writer, result)
+                _collect(outcome, writer, result, kept_names)
             finished += len(outcomes)
             if bar is not None:
                 bar(len(outcomes))
@@ -545,6 +546,8 @@ def run(
         if bar is not None and hasattr(bar, "close"):
             bar.close()
     try:
+        if kept_names is not None:
+            kept_names.rewrite_winners(parsed_template, options)
         writer.commit()
     except BaseException:
         journal.close()  # kept, so that --resume can finish the run
@@ -608,9 +611,50 @@ def _restore(record: dict) -> PairOutcome:
                            stored_row=record["row"])
 
 
-def _collect(outcome: PairOutcome, writer: _OrderedWriter, result: RunResult) -> None:
+def _collect(outcome: PairOutcome, writer: _OrderedWriter, result: RunResult,
+             kept_names: _KeptNames | None = None) -> None:
     writer.add(outcome)  # reports it to on_outcome, in table order
     result.tally(outcome)
+    if kept_names is not None:
+        kept_names.note(outcome)
+
+
+class _KeptNames:
+    """Difference images that several pairs of a keepAll run write to the same file.
+
+    Montage works through the table in order, so such a file ends up holding the image
+    of the last pair (in table order) whose difference succeeded. Parallel workers write
+    in any order, so once every pair is done, that pair's images are written once more.
+    """
+
+    def __init__(self, diffs: str, diffdir: str) -> None:
+        self.diffdir = diffdir
+        seen: set[tuple[str, str]] = set()
+        self.shared: set[tuple[str, str]] = set()
+        for pair in iter_overlap_table(diffs):
+            paths = diff_paths(diffdir, pair.diff)
+            (self.shared if paths in seen else seen).add(paths)
+        self.winners: dict[tuple[str, str], PairOutcome] = {}
+
+    def note(self, outcome: PairOutcome) -> None:
+        """Take a finished pair; it wrote its images unless its difference failed."""
+        if not self.shared or outcome.stage == "diff":
+            return
+        paths = diff_paths(self.diffdir, outcome.diff)
+        if paths in self.shared:
+            best = self.winners.get(paths)
+            if best is None or best.index < outcome.index:
+                self.winners[paths] = outcome
+
+    def rewrite_winners(self, template: Template, options: PairOptions) -> None:
+        """Write each shared file again from the last pair in table order that wrote it."""
+        if not self.winners:
+            return
+        with ImageReader() as reader:
+            for outcome in sorted(self.winners.values(), key=lambda o: o.index):
+                pair = OverlapPair(index=outcome.index, cntr1=outcome.cntr1, cntr2=outcome.cntr2,
+                                   plus=outcome.plus, minus=outcome.minus, diff=outcome.diff)
+                process_pair(pair, template, options, reader)
 
 
 WORKER_DIED = "worker process died (killed or out of memory) while processing this pair, twice"

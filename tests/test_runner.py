@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,29 @@ def test_guided_batches_cover_the_table_in_order_and_shrink_to_the_end(total, jo
         assert size <= max(1, (total - sum(sizes[:k])) // (4 * jobs))
     if total >= 4 * jobs:
         assert sizes[-1] == 1
+
+
+def test_keep_all_names_shared_by_several_pairs_keep_the_last_pair(small_survey, tmp_path) -> None:
+    """Montage overwrites a difference file named by several rows in table order, so it
+    ends up with the last pair whose difference succeeded; workers finishing in any order
+    must leave the same file (here the earliest pairs finish last)."""
+    lines = small_survey.diffs.read_text().splitlines(keepends=True)
+    header = [line for line in lines if line[:1] in "|\\"]
+    rows = [line for line in lines if line.strip() and line[:1] not in "|\\"]
+    names = [row.split()[-1] for row in rows]
+    shared = tmp_path / "shared.tbl"
+    shared.write_text("".join(header + [row.replace(name, "same.fits") for row, name in zip(rows, names)]))
+
+    def late_early_pairs(batch, template, options):
+        time.sleep(0.05 * (len(rows) - batch[0].index))
+        return process_batch(batch, template, options)
+
+    serial = tmp_path / "serial"
+    run(small_survey.projdir, shared, small_survey.template, tmp_path / "serial.tbl", jobs=1,
+        keep_all=True, diffdir=serial)
+    parallel = tmp_path / "parallel"
+    run(small_survey.projdir, shared, small_survey.template, tmp_path / "parallel.tbl",
+        jobs=len(rows), batch_size=1, keep_all=True, diffdir=parallel, task=late_early_pairs)
+    assert sorted(p.name for p in parallel.iterdir()) == ["same.fits", "same_area.fits"]
+    for name in ("same.fits", "same_area.fits"):
+        assert (parallel / name).read_bytes() == (serial / name).read_bytes()
