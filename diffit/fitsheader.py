@@ -98,12 +98,29 @@ def _parse_printable(card: str) -> tuple[str, object] | None:
     return keyword, parse_value(card[10:])
 
 
-def _first_values(parsed: Iterable[tuple[str, object] | None]) -> dict[str, object]:
+class HeaderValues(dict):
+    """Keyword values (the first occurrence of each, as astropy reads them), which also
+    know the last occurrence of each keyword (CFITSIO reads indexed keywords such as
+    CRPIXn by scanning the whole header, so the last one wins there)."""
+
+    def __init__(self, first: dict[str, object], last: dict[str, object]) -> None:
+        super().__init__(first)
+        self._last = last
+
+    def last(self, key: str, default: object = None) -> object:
+        """The value of the last card of ``key`` (``default`` when there is none)."""
+        return self._last.get(key, default)
+
+
+def _first_values(parsed: Iterable[tuple[str, object] | None]) -> HeaderValues:
     values: dict[str, object] = {}
+    last: dict[str, object] = {}
     for item in parsed:
-        if item is not None and item[0] not in values:
-            values[item[0]] = item[1]
-    return values
+        if item is not None:
+            if item[0] not in values:
+                values[item[0]] = item[1]
+            last[item[0]] = item[1]
+    return HeaderValues(values, last)
 
 
 def parse_cards(cards: Iterable[str]) -> dict[str, object]:
@@ -154,8 +171,10 @@ def read_header(stream, max_blocks: int = 100) -> tuple[dict[str, object], int]:
             if card.startswith("END"):
                 if card.rstrip(" ") != "END":
                     raise NotSimple("odd END card")
-                if not cards or not re.match(r"SIMPLE  =\s+T(?:\s|/|\Z)", cards[0]):
-                    raise NotSimple("the first card is not SIMPLE = T")
+                # SIMPLE = F (a file that does not claim to conform) is read as CFITSIO
+                # reads it for Montage: like any other
+                if not cards or not re.match(r"SIMPLE  =\s+[TF](?:\s|/|\Z)", cards[0]):
+                    raise NotSimple("the first card is not SIMPLE = T or F")
                 if not _PRINTABLE.match("".join(cards)):
                     raise NotSimple("header cards that are not printable ASCII")
                 values = _first_values(_parse_printable(card) for card in cards[1:])

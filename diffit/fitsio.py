@@ -36,8 +36,10 @@ import atexit
 import bz2
 import gzip
 import io
+import logging
 import math
 import os
+import re
 import stat
 import threading
 import warnings
@@ -53,6 +55,8 @@ import numpy as np
 from diffit import _fitsread
 from diffit.fitsheader import NotSimple, read_header
 from diffit.geometry import GridGeometry
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # astropy is imported only when a file needs it
     from astropy.io import fits
@@ -169,11 +173,27 @@ def _int_value(header, key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+#: A number written as a string value (``CRPIX1 = '67.5'``), which CFITSIO reads as the
+#: number when a numeric keyword is asked for.
+_QUOTED_NUMBER = re.compile(r" *[+-]?(?:\d+\.?\d*|\.\d+)(?:[EeDd][+-]?\d+)? *\Z")
+
+
+def _last_value(header, key: str) -> object:
+    """The value of the last ``key`` card."""
+    if hasattr(header, "last"):  # diffit's own parser
+        return header.last(key)
+    values = [card.value for card in header.cards if card.keyword == key]  # astropy
+    return values[-1] if values else None
+
+
 def _keyword(header, key: str, path: str, kind: type) -> float | int:
     """A required numeric keyword, or an :class:`ImageError` naming the file and keyword."""
     if key not in header:
         raise ImageError(f"{path}: no {key} keyword in the header")
-    value = header[key]
+    return _number(header[key], key, path, kind)
+
+
+def _number(value: object, key: str, path: str, kind: type) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ImageError(f"{path}: {key} = {value!r} is not a number")
     if kind is int and not isinstance(value, int):
@@ -182,6 +202,20 @@ def _keyword(header, key: str, path: str, kind: type) -> float | int:
     if kind is float and not math.isfinite(value):
         raise ImageError(f"{path}: {key} is not finite")
     return value
+
+
+def _crpix(header, key: str, path: str) -> float:
+    """CRPIXn as CFITSIO reads it for Montage (``fits_read_keys_dbl``): from the last card
+    of the keyword (it scans the whole header), a number written as a string taken as
+    the number and a logical as 1 or 0."""
+    if key not in header:
+        raise ImageError(f"{path}: no {key} keyword in the header")
+    value = _last_value(header, key)
+    if isinstance(value, bool):
+        value = float(value)
+    elif isinstance(value, str) and _QUOTED_NUMBER.match(value):
+        value = float(value.strip().replace("D", "E").replace("d", "e"))
+    return _number(value, key, path, float)
 
 
 def _describe(error: BaseException) -> str:
@@ -200,11 +234,15 @@ def _blank(header) -> int | None:
 
 
 def _scaling(header, path: str) -> tuple[float, float]:
+    """BSCALE and BZERO as CFITSIO reads them when it opens an image for Montage: from
+    the last card of each (it reads every card), and a value that is not a plain
+    finite number (a string, a logical) as the default 1 or 0, with only a warning."""
     values = []
     for key, default in (("BSCALE", 1.0), ("BZERO", 0.0)):
-        value = header.get(key, default)
+        value = _last_value(header, key) if key in header else default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ImageError(f"{path}: {key} = {value!r} is not a finite number")
+            log.debug("%s: %s = %r is not a number; %s is used, as CFITSIO does", path, key, value, default)
+            value = default
         values.append(float(value))
     return values[0], values[1]
 
@@ -316,8 +354,8 @@ def _open_plain(path: str, stream) -> OpenImage | None:
 def _geometry(header, path: str, naxis1: int, naxis2: int) -> GridGeometry:
     """The image's size and its CRPIX1/2 (ImageError naming a missing or bad CRPIX)."""
     return GridGeometry(naxis1=naxis1, naxis2=naxis2,
-                        crpix1=_keyword(header, "CRPIX1", path, float),
-                        crpix2=_keyword(header, "CRPIX2", path, float))
+                        crpix1=_crpix(header, "CRPIX1", path),
+                        crpix2=_crpix(header, "CRPIX2", path))
 
 
 #: Magic numbers of the stream compressions read whole (``.fits.gz``, ``.fits.bz2``).

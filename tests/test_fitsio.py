@@ -257,16 +257,41 @@ def test_missing_geometry_keyword_is_named(tmp_path: Path, keyword: str) -> None
     _assert_reason(tmp_path / "k.fits", keyword)
 
 
-@pytest.mark.parametrize("keyword, value", [("CRPIX1", "'abc'"), ("CRPIX2", "T"),
-                                            ("BSCALE", "'x'"), ("BZERO", "'y'")])
-def test_unusable_keyword_values_are_named(tmp_path: Path, keyword: str, value: str) -> None:
-    hdu = fits.PrimaryHDU(np.zeros((30, 40), np.float32), header=wcs_header(0, 0))
+def _with_card(tmp_path: Path, keyword: str, value: str, extra: str = "") -> Path:
+    """A float image whose ``keyword`` card holds ``value`` as written (and an extra card)."""
+    hdu = fits.PrimaryHDU(np.full((30, 40), 3.0, np.float32), header=wcs_header(0, 0))
     hdu.header[keyword] = 1.0
+    hdu.header["SPARE"] = 0
     content = bytearray(_to_bytes(hdu))
-    start = content.index(keyword.ljust(8).encode() + b"=")
-    content[start:start + 80] = f"{keyword.ljust(8)}= {value:>20}".ljust(80).encode()
+    for key, text in ((keyword, value), ("SPARE", extra)):
+        start = content.index(key.ljust(8).encode() + b"=")
+        card = f"{key.ljust(8)}= {text:>20}" if key == keyword else text
+        content[start:start + 80] = card.ljust(80).encode()
     (tmp_path / "v.fits").write_bytes(bytes(content))
-    _assert_reason(tmp_path / "v.fits", keyword)
+    return tmp_path / "v.fits"
+
+
+@pytest.mark.parametrize("keyword, value", [("CRPIX1", "'abc'"), ("CRPIX2", "'1.5 x'")])
+def test_unusable_keyword_values_are_named(tmp_path: Path, keyword: str, value: str) -> None:
+    _assert_reason(_with_card(tmp_path, keyword, value), keyword)
+
+
+@pytest.mark.parametrize("keyword, value, extra, want", [
+    ("CRPIX1", "'12.5'", "", ("crpix1", 12.5)),  # a number as a string: the number
+    ("CRPIX2", "T", "", ("crpix2", 1.0)),  # a logical: 1 or 0
+    ("CRPIX1", "7.0", "CRPIX1  =                 9.25", ("crpix1", 9.25)),  # the last card
+    ("BSCALE", "'x'", "", ("scale", 1.0)),  # not a number: the default, with a warning
+    ("BZERO", "'5.0'", "", ("zero", 0.0)),
+    ("BZERO", "T", "", ("zero", 0.0)),
+    ("BZERO", "2.0", "BZERO   =                  5.0", ("zero", 5.0)),  # the last card
+])
+def test_keywords_are_read_as_cfitsio_reads_them_for_montage(tmp_path: Path, keyword, value, extra,
+                                                            want) -> None:
+    with ImageReader() as reader:
+        image = reader.get(str(_with_card(tmp_path, keyword, value, extra)))
+        attribute, expected = want
+        source = image.geometry if attribute.startswith("crpix") else image
+        assert getattr(source, attribute) == expected
 
 
 def test_one_dimensional_and_empty_images(tmp_path: Path) -> None:

@@ -43,6 +43,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from diffit.datasets import make_survey
+
 montage = pytest.importorskip("MontagePy.main")
 
 from parity_cases import (  # noqa: E402 - after the importorskip on purpose
@@ -542,3 +544,54 @@ def test_montage_pipeline_end_to_end(tmp_path: Path, candidate, seed: int) -> No
         assert compare_fits_tbl(want[1], got[1]) == ""
         assert len(got[2].splitlines()) == 1 + 6  # header, a correction for every image
         assert got[2] == want[2]
+
+
+def _replace_card(path: Path, keyword: str, card: str) -> None:
+    """Replace the first ``keyword`` card of a FITS file's header with ``card`` (bytes in place)."""
+    data = bytearray(path.read_bytes())
+    end = data.index(b"END" + b" " * 77)
+    for start in range(0, end, 80):
+        if data[start:start + 8] == keyword.ljust(8).encode():
+            data[start:start + 80] = card.ljust(80).encode()
+            path.write_bytes(bytes(data))
+            return
+    raise AssertionError(f"no {keyword} card in {path}")
+
+
+@pytest.mark.parametrize("mutation", ["duplicate-crpix", "quoted-crpix", "logical-crpix", "quoted-bzero",
+                                      "duplicate-bzero", "simple-false"])
+def test_parity_unusual_image_headers(tmp_path: Path, candidate, mutation: str) -> None:
+    """Headers that CFITSIO reads for Montage although they are odd: CRPIXn read by
+    scanning the whole header (the last card wins), numbers written as strings, and
+    SIMPLE = F. The candidate must give Montage's fits.tbl, not fail the pairs."""
+    survey = make_survey(tmp_path / "s", n_tiles=6, tile_shape=(48, 40), seed=5)
+    image = sorted(survey.projdir.glob("tile_*[0-9].fits"))[2]
+    header = fits.getheader(image)
+    with fits.open(image, mode="update") as hdul:  # room for the extra card
+        hdul[0].header["SPARE"] = 0
+    if mutation == "duplicate-crpix":
+        _replace_card(image, "SPARE", f"CRPIX1  = {header['CRPIX1'] + 3.0!r}")
+    elif mutation == "quoted-crpix":
+        _replace_card(image, "CRPIX2", f"CRPIX2  = '{header['CRPIX2']!r}'")
+    elif mutation == "logical-crpix":
+        _replace_card(image, "CRPIX2", "CRPIX2  = " + "T".rjust(20))
+    elif mutation == "quoted-bzero":
+        _replace_card(image, "SPARE", "BZERO   = '5.0'")
+    elif mutation == "duplicate-bzero":
+        with fits.open(image, mode="update") as hdul:
+            hdul[0].header["BZERO"] = 0.0
+            hdul[0].header["SPARE2"] = 0
+        _replace_card(image, "SPARE2", "BZERO   = 5.0")
+    else:
+        _replace_card(image, "SIMPLE", "SIMPLE  = " + "F".rjust(20))
+    runs = {}
+    for name, function in (("montage", montage.mDiffFitExec), ("candidate", candidate)):
+        out = tmp_path / name
+        out.mkdir()
+        result = function(str(survey.projdir), str(survey.diffs_table), str(survey.template), str(out),
+                          str(out / "fits.tbl"))
+        runs[name] = (result, (out / "fits.tbl").read_text())
+    (want, want_tbl), (got, got_tbl) = runs["montage"], runs["candidate"]
+    assert want["status"] == "0", want
+    assert compare_results(want, got) == ""
+    assert compare_fits_tbl(want_tbl, got_tbl) == ""
