@@ -14,7 +14,7 @@ The kernels run without the GIL (worker threads difference pairs concurrently); 
 array they return is allocated before the GIL is released.
 """
 from libc.float cimport DBL_MIN
-from libc.math cimport fabs, isfinite
+from libc.math cimport NAN, fabs, isfinite
 from libc.stdint cimport int32_t, int64_t
 
 import numpy as np
@@ -231,6 +231,20 @@ def difference_kernel(const flux_t[:, :] flux1, const area_t[:, :] area1,
     return row_starts_array, imin, imax, jmin, jmax, n, n_finite
 
 
+cdef inline double _scaled_read_back(double z, double scale, double zero) noexcept nogil:
+    """A value as mFitplane reads it back from a difference file with BSCALE/BZERO
+    (mDiff copies them from the template): CFITSIO stores ``(z - zero) / scale`` and
+    reads ``stored * scale + zero``, or ``zero`` when the stored value is a zero or
+    subnormal, or NaN when it is not finite."""
+    cdef double stored = (z - zero) / scale
+    if not isfinite(stored):
+        return NAN
+    if fabs(stored) < DBL_MIN:
+        return zero
+    stored = stored * scale
+    return stored + zero
+
+
 cdef inline double _read_back(double z) noexcept nogil:
     """A finite difference value as mFitplane reads it back from mDiff's file: CFITSIO
     turns a zero of either sign and a subnormal value (exponent bits all zero) into +0.0."""
@@ -240,10 +254,12 @@ cdef inline double _read_back(double z) noexcept nogil:
 cdef Py_ssize_t _fill_coordinates(const int32_t[::1] cols, const double[::1] values,
                                   const int64_t[::1] row_starts, Py_ssize_t imin,
                                   Py_ssize_t jmin, Py_ssize_t jmax, double crpix1,
-                                  double crpix2, bint all_finite, double[::1] xs,
-                                  double[::1] ys, double[::1] zs, int64_t[::1] rows,
-                                  int64_t[::1] lo, int64_t[::1] hi) noexcept nogil:
-    """The loop of :func:`coordinates`; returns the number of rows it fills in."""
+                                  double crpix2, bint all_finite, bint scaled, double scale,
+                                  double zero, double[::1] xs, double[::1] ys, double[::1] zs,
+                                  int64_t[::1] rows, int64_t[::1] lo, int64_t[::1] hi,
+                                  Py_ssize_t *n_pixels) noexcept nogil:
+    """The loop of :func:`coordinates`; returns the number of rows it fills in and sets
+    ``n_pixels`` to the number of pixels."""
     cdef Py_ssize_t p = 0
     cdef Py_ssize_t r = 0
     cdef Py_ssize_t j, k, row, start, end, first, last, i
@@ -255,7 +271,7 @@ cdef Py_ssize_t _fill_coordinates(const int32_t[::1] cols, const double[::1] val
         end = row_starts[j + 1]
         first = -1
         last = -1
-        if all_finite:  # no pixel is kept above row jmin: k is also the output index
+        if all_finite and not scaled:  # no pixel is kept above row jmin: k is the output index
             for k in range(start, end):
                 xs[k] = (cols[k] - imin) - crpix1
                 ys[k] = y
@@ -263,14 +279,17 @@ cdef Py_ssize_t _fill_coordinates(const int32_t[::1] cols, const double[::1] val
             if end > start:
                 first = cols[start] - imin
                 last = cols[end - 1] - imin
+            p = end
         else:
             for k in range(start, end):
                 z = values[k]
+                if scaled and isfinite(z):
+                    z = _scaled_read_back(z, scale, zero)
                 if isfinite(z):
                     i = cols[k] - imin
                     xs[p] = i - crpix1
                     ys[p] = y
-                    zs[p] = _read_back(z)
+                    zs[p] = z if scaled else _read_back(z)
                     p += 1
                     if first < 0:
                         first = i
@@ -280,20 +299,24 @@ cdef Py_ssize_t _fill_coordinates(const int32_t[::1] cols, const double[::1] val
             lo[r] = first
             hi[r] = last
             r += 1
+    n_pixels[0] = p
     return r
 
 
 def coordinates(const int32_t[::1] cols, const double[::1] values,
                 const int64_t[::1] row_starts, Py_ssize_t imin, Py_ssize_t jmin,
                 Py_ssize_t jmax, double crpix1, double crpix2, bint all_finite,
-                double[::1] xs, double[::1] ys, double[::1] zs):
+                double[::1] xs, double[::1] ys, double[::1] zs, double scale=1.0,
+                double zero=0.0):
     """Fit inputs of the finite kept pixels, relative to the trimmed image.
 
     Fills ``xs``, ``ys``, ``zs`` with ``x = i - crpix1``, ``y = j - crpix2`` (the
     integer column ``i`` and row ``j`` of the trimmed image, as mFitplane computes them)
     and the values of the finite kept pixels, in scan order, as mFitplane reads them
-    back from the difference file (zeros and subnormal values as +0.0). ``all_finite``
-    (every kept value is finite) lets the loop skip the finiteness test.
+    back from the difference file (zeros and subnormal values as +0.0; with a ``scale``
+    or ``zero``, the BSCALE/BZERO the file carries, through CFITSIO's scaling, which may
+    leave fewer finite pixels). ``all_finite`` (every kept value is finite) lets the
+    loop skip the finiteness test.
 
     Parameters
     ----------
@@ -307,6 +330,8 @@ def coordinates(const int32_t[::1] cols, const double[::1] values,
         Every kept value is finite.
     xs, ys, zs : memoryview
         float64 outputs with room for every finite kept pixel.
+    scale, zero : float, optional
+        BSCALE and BZERO of the difference file.
 
     Returns
     -------
@@ -314,6 +339,8 @@ def coordinates(const int32_t[::1] cols, const double[::1] values,
         int64: the first ``count`` entries are the rows with at least two finite pixels
         and their first and last finite column.
     count : int
+    n_pixels : int
+        Number of pixels written to ``xs``, ``ys``, ``zs``.
     """
     if row_starts.shape[0] < jmax + 2 or jmin < 0:
         raise ValueError("row_starts does not cover the trim box")
@@ -325,10 +352,13 @@ def coordinates(const int32_t[::1] cols, const double[::1] values,
     cdef int64_t[::1] lo = lo_array
     cdef int64_t[::1] hi = hi_array
     cdef Py_ssize_t count
+    cdef Py_ssize_t n_pixels = 0
+    cdef bint scaled = scale != 1.0 or zero != 0.0
     with nogil:
         count = _fill_coordinates(cols, values, row_starts, imin, jmin, jmax, crpix1,
-                                  crpix2, all_finite, xs, ys, zs, rows, lo, hi)
-    return rows_array, lo_array, hi_array, count
+                                  crpix2, all_finite, scaled, scale, zero, xs, ys, zs, rows,
+                                  lo, hi, &n_pixels)
+    return rows_array, lo_array, hi_array, count, n_pixels
 
 
 cdef void _scatter(const int32_t[::1] cols, const double[::1] values,

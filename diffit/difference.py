@@ -147,7 +147,7 @@ class KeptPixels:
         return self.jmax - self.jmin + 1, self.imax - self.imin + 1
 
     def coordinates(
-        self, crpix1: float, crpix2: float
+        self, crpix1: float, crpix2: float, scale: float = 1.0, zero: float = 0.0
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """What the plane fit needs, relative to the trimmed image.
 
@@ -155,6 +155,9 @@ class KeptPixels:
         ----------
         crpix1, crpix2 : float
             Reference pixel of the trimmed image.
+        scale, zero : float, optional
+            BSCALE and BZERO the difference file would carry (mDiff copies them from
+            the template): the values are those CFITSIO reads back through them.
 
         Returns
         -------
@@ -171,9 +174,9 @@ class KeptPixels:
         else:
             xs, ys, zs = self.workspace.coordinate_arrays(n)
         all_finite = n == self.values.shape[0]
-        rows, lo, hi, nrow = _difference.coordinates(
+        rows, lo, hi, nrow, n = _difference.coordinates(
             self.cols, self.values, self.row_starts, self.imin, self.jmin, self.jmax,
-            float(crpix1), float(crpix2), all_finite, xs, ys, zs)
+            float(crpix1), float(crpix2), all_finite, xs, ys, zs, float(scale), float(zero))
         return xs[:n], ys[:n], zs[:n], rows[:nrow], lo[:nrow], hi[:nrow]
 
     def images(self) -> Difference:

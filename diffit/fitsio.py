@@ -233,7 +233,7 @@ def _blank(header) -> int | None:
     return blank
 
 
-def _scaling(header, path: str) -> tuple[float, float]:
+def header_scaling(header, path: str = "") -> tuple[float, float]:
     """BSCALE and BZERO as CFITSIO reads them when it opens an image for Montage: from
     the last card of each (it reads every card), and a value that is not a plain
     finite number (a string, a logical) as the default 1 or 0, with only a warning."""
@@ -345,7 +345,7 @@ def _open_plain(path: str, stream) -> OpenImage | None:
     if os.fstat(stream.fileno()).st_size < offset + dtype.itemsize * math.prod(axes):  # type: ignore[arg-type]
         return None  # truncated: astropy's path words it
     geometry = _geometry(header, path, axes[0], axes[1])  # type: ignore[arg-type]
-    scale, zero = _scaling(header, path)
+    scale, zero = header_scaling(header, path)
     return OpenImage(path=path, geometry=geometry, header=header, hdul=None, hdu=None,
                      ndim=naxis, scale=scale, zero=zero, blank=_blank(header),  # type: ignore[arg-type]
                      layout=(dtype, tuple(reversed(axes)), offset))
@@ -408,7 +408,7 @@ def _inspect(path: str, hdul: "fits.HDUList", stream) -> OpenImage:
     if naxis1 <= 0 or naxis2 <= 0:
         raise ImageError(f"{path}: the image has no pixels (NAXIS1={naxis1}, NAXIS2={naxis2})")
     geometry = _geometry(header, path, naxis1, naxis2)
-    scale, zero = _scaling(header, path)
+    scale, zero = header_scaling(header, path)
     size = _stream_size(stream)
     tiled = isinstance(hdu, fits.CompImageHDU)
     if tiled:

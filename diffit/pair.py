@@ -14,15 +14,20 @@ message ("Images don't overlap", "All pixels are blank.", "Too few pixels to fit
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
+
 from diffit.difference import Difference, KeptPixels, Workspace, difference_pixels, fits_rounded
 from diffit.fitplane import FitError, PlaneFit, fit_pixels
-from diffit.fitsio import ImageError, ImageReader, OpenImage, file_exists, quiet_astropy, read_window
+from diffit.fitsio import (ImageError, ImageReader, OpenImage, file_exists, header_scaling,
+                           quiet_astropy, read_window)
 from diffit.geometry import overlap_window
 from diffit.headers import Template, grid_mismatch, template_fits_header
 from diffit.outputs import write_atomically
@@ -202,6 +207,8 @@ class PairDifference:
     pixels: KeptPixels
     crpix1: float
     crpix2: float
+    scale: float = 1.0
+    zero: float = 0.0
 
     def images(self) -> Difference:
         """The trimmed difference and area images (for keepAll)."""
@@ -214,7 +221,8 @@ class PairDifference:
         ------
         FitError
         """
-        xs, ys, zs, rows, lo, hi = self.pixels.coordinates(self.crpix1, self.crpix2)
+        xs, ys, zs, rows, lo, hi = self.pixels.coordinates(self.crpix1, self.crpix2,
+                                                           self.scale, self.zero)
         return fit_pixels(xs, ys, zs, rows, lo, hi, self.crpix1, self.crpix2, level_only,
                           shape=self.pixels.shape)
 
@@ -261,12 +269,21 @@ def compute_difference(
         raise PairError("diff", "All pixels are blank.")
     crpix1 = fits_rounded(template.geometry.crpix1 - (window.i0 + pixels.imin))
     crpix2 = fits_rounded(template.geometry.crpix2 - (window.j0 + pixels.jmin))
-    return PairDifference(pixels=pixels, crpix1=crpix1, crpix2=crpix2)
+    scale, zero = difference_scaling(template)
+    return PairDifference(pixels=pixels, crpix1=crpix1, crpix2=crpix2, scale=scale, zero=zero)
+
+
+@functools.lru_cache(maxsize=8)
+def difference_scaling(template: Template) -> tuple[float, float]:
+    """BSCALE and BZERO of mDiff's difference files: the template's, which mDiff copies
+    into them, as CFITSIO reads them back ((1.0, 0.0) for the usual template)."""
+    return header_scaling(template.header, template.path)
 
 
 def write_difference(paths: tuple[str, str], template: Template, result: Difference,
                      crpix1: float, crpix2: float) -> None:
-    """Write the difference and area images as mDiff does (template cards, BITPIX -64).
+    """Write the difference and area images as mDiff does (template cards, BITPIX -64;
+    with the template's BSCALE/BZERO, the values stored through them, as CFITSIO does).
 
     Raises
     ------
@@ -275,14 +292,23 @@ def write_difference(paths: tuple[str, str], template: Template, result: Differe
     """
     from astropy.io import fits  # only kept difference images need astropy
 
+    scale, zero = difference_scaling(template)
+    scaled = scale != 1.0 or zero != 0.0
     for path, data in zip(paths, (result.data, result.area)):
         header = template_fits_header(template).copy()
-        for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
+        for key in ("SIMPLE", "BITPIX", "EXTEND", "BSCALE", "BZERO", "NAXIS",
+                    *(key for key in header if re.fullmatch(r"NAXIS\d+", key))):
             header.remove(key, ignore_missing=True, remove_all=True)
         header["CRPIX1"] = crpix1
         header["CRPIX2"] = crpix2
+        if scaled:
+            with np.errstate(all="ignore"):  # BSCALE 0 stores infinities, as CFITSIO would
+                data = (data - zero) / scale
         with quiet_astropy():  # e.g. a BLANK card in the template: not for float data
             hdu = fits.PrimaryHDU(data=data.astype(">f8", copy=False), header=header)
+        if scaled:  # set after the data, which astropy would otherwise take as physical
+            hdu.header["BSCALE"] = scale
+            hdu.header["BZERO"] = zero
         try:
             write_fits_atomically(hdu, path)
         except OSError as error:

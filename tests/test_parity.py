@@ -595,3 +595,28 @@ def test_parity_unusual_image_headers(tmp_path: Path, candidate, mutation: str) 
     assert want["status"] == "0", want
     assert compare_results(want, got) == ""
     assert compare_fits_tbl(want_tbl, got_tbl) == ""
+
+
+@pytest.mark.parametrize("cards", [("BZERO   = 32768",), ("BSCALE  = 0.0375", "BZERO   = 812.5"),
+                                   ("BZERO   = 'text'",)])
+def test_parity_template_with_bscale_bzero(tmp_path: Path, candidate, cards) -> None:
+    """A template made with mGetHdr from an integer image carries BSCALE/BZERO. mDiff
+    copies them into its difference files, so mFitplane fits the values as read back
+    through them; the kept images hold them too."""
+    survey = make_survey(tmp_path / "s", n_tiles=6, tile_shape=(48, 40), seed=7)
+    lines = survey.template.read_text().splitlines()
+    end = next(k for k, line in enumerate(lines) if line.startswith("END"))
+    survey.template.write_text("\n".join(lines[:end] + list(cards) + lines[end:]) + "\n")
+    runs = {}
+    for name, function in (("montage", montage.mDiffFitExec), ("candidate", candidate)):
+        out = tmp_path / name
+        (out / "diffs").mkdir(parents=True)  # Montage does not create it
+        result = function(str(survey.projdir), str(survey.diffs_table), str(survey.template),
+                          str(out / "diffs"), str(out / "fits.tbl"), keepAll=True)
+        runs[name] = (result, (out / "fits.tbl").read_text(), out / "diffs")
+    (want, want_tbl, want_dir), (got, got_tbl, got_dir) = runs["montage"], runs["candidate"]
+    assert want["status"] == "0" and want["count"] - want["diff_failed"] >= 5, want
+    assert compare_results(want, got) == ""
+    assert compare_fits_tbl(want_tbl, got_tbl) == ""
+    if "text" not in cards[-1]:  # astropy cannot read Montage's file with BZERO = 'text'
+        assert compare_diffdirs(want_dir, got_dir) == ""
