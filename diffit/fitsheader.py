@@ -93,9 +93,11 @@ def _parse_printable(card: str) -> tuple[str, object] | None:
         return None
     if not _KEYWORD.match(keyword) or keyword in ("END", "CONTINUE", "HIERARCH"):
         raise NotSimple(f"keyword {keyword!r}")
-    if card[8:10] != "= ":
+    if card[8] != "=":
         raise NotSimple(f"{keyword} has no value indicator")
-    return keyword, parse_value(card[10:])
+    # "KEYWORD =value" (no blank after the "=") breaks the standard, but CFITSIO reads
+    # the value for Montage, and so does this parser
+    return keyword, parse_value(card[9:])
 
 
 class HeaderValues(dict):

@@ -122,7 +122,8 @@ def read_template(path: str | os.PathLike) -> Template:
     except ValueError:  # e.g. an embedded NUL in the name
         raise TemplateError(f"Template file {name!r} is not a usable file name") from None
     if _looks_like_fits(raw):
-        raise TemplateError(f"FITS file ({name}) cannot be used as a header template")
+        hint = " (its lines end in CR only: convert them to LF)" if b"\r" in raw and b"\n" not in raw else ""
+        raise TemplateError(f"FITS file ({name}) cannot be used as a header template{hint}")
     if b"\0" in raw:
         raise TemplateError(f"Template file {name} is not a text header (binary content)")
     text = raw.decode("latin-1")
@@ -145,7 +146,8 @@ def read_template(path: str | os.PathLike) -> Template:
     for line in lines:  # Montage fails every pair on these (CFITSIO and WCS checks)
         match = _LOOSE_CARD.match(line)
         if match is not None and match.group(1) == "SIMPLE":
-            simple = _value_and_comment(match.group(2))[0]
+            # CFITSIO's template parser ends the value at a blank (a tab is part of it)
+            simple = re.match(r"[^ /]*", match.group(2).lstrip(" ")).group()
             if simple not in ("T", "F"):
                 raise TemplateError(
                     f"Template file {name}: illegal SIMPLE keyword value {simple!r} (must be T or F)")

@@ -61,6 +61,10 @@ def test_accepted_cards_read_as_astropy_reads_them(keyword, indicator, pad, valu
         ours = parse_card(card)
     except NotSimple:
         return  # astropy decides these
+    if ours is not None and card[9:10] not in ("", " "):
+        # "KEY     =value": off the standard, astropy does not read it; CFITSIO (so
+        # Montage) reads the value, which is the one of the card with the blank added
+        card = (card[:9] + " " + card[9:])[:80]
     theirs = _astropy_value(card)
     if ours is None:
         assert theirs[0] in ("", "COMMENT", "HISTORY")
@@ -78,6 +82,7 @@ def test_accepted_cards_read_as_astropy_reads_them(keyword, indicator, pad, valu
     ("SIMPLE  =                    T", True),
     ("BSCALE  =                  1.0", 1.0),
     ("CD1_1   = .5", 0.5),
+    ("CRPIX1  =67.5", 67.5),  # no blank after "=": CFITSIO reads the value
 ])
 def test_standard_cards(card: str, value) -> None:
     keyword, parsed = parse_card(card)

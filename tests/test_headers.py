@@ -126,6 +126,15 @@ def test_template_is_a_directory(tmp_path: Path) -> None:
     _assert_template_error(tmp_path / "dir.hdr", "directory")
 
 
+def test_simple_ending_in_blanks_and_a_tab_is_accepted_like_montage(tmp_path: Path) -> None:
+    assert read_template(_template(tmp_path, _replace("SIMPLE", "T  \t"))).geometry.naxis1 > 0
+
+
+def test_template_with_cr_only_line_ends_says_so(tmp_path: Path) -> None:
+    (tmp_path / "t.hdr").write_bytes(TEMPLATE.replace("\n", "\r").encode())
+    _assert_template_error(tmp_path / "t.hdr", "cannot be used as a header template", "CR only")
+
+
 def test_fits_file_as_template(tmp_path: Path) -> None:
     fits.PrimaryHDU(np.zeros((5, 5), np.float32), header=wcs_header(0, 0)).writeto(tmp_path / "t.fits")
     _assert_template_error(tmp_path / "t.fits", "FITS file", "cannot be used as a header template")
@@ -159,6 +168,7 @@ def test_missing_keyword(tmp_path: Path, keyword: str) -> None:
     ("CRPIX1", "nan", "finite"),
     ("SIMPLE", "t", "illegal SIMPLE keyword value 't'"),
     ("SIMPLE", "'T'", "illegal SIMPLE keyword value"),
+    ("SIMPLE", "T\t", "illegal SIMPLE keyword value 'T\\t'"),  # CFITSIO: the tab is in the value
     ("NAXIS", "1", "NAXIS must be at least 2"),
 ])
 def test_invalid_keyword(tmp_path: Path, keyword: str, value: str, fragment: str) -> None:
