@@ -18,6 +18,7 @@ only has to agree with astropy on the headers it accepts.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 
@@ -101,28 +102,113 @@ def _parse_printable(card: str) -> tuple[str, object] | None:
 
 
 class HeaderValues(dict):
-    """Keyword values (the first occurrence of each, as astropy reads them), which also
-    know the last occurrence of each keyword (CFITSIO reads indexed keywords such as
-    CRPIXn by scanning the whole header, so the last one wins there)."""
+    """Keyword values (the first occurrence of each, as astropy reads them) that also keep
+    the text of each keyword's last card (CFITSIO reads some keywords, such as CRPIXn,
+    BSCALE and BZERO, from their last card, and converts the card's text itself)."""
 
-    def __init__(self, first: dict[str, object], last: dict[str, object]) -> None:
+    def __init__(self, first: dict[str, object], last_cards: dict[str, str]) -> None:
         super().__init__(first)
-        self._last = last
+        self._last_cards = last_cards
 
-    def last(self, key: str, default: object = None) -> object:
-        """The value of the last card of ``key`` (``default`` when there is none)."""
-        return self._last.get(key, default)
+    def last_card(self, key: str) -> str | None:
+        """The 80-character text of the last card of ``key`` (None when there is none)."""
+        return self._last_cards.get(key)
 
 
-def _first_values(parsed: Iterable[tuple[str, object] | None]) -> HeaderValues:
+def _header_values(cards: Iterable[str], parse) -> HeaderValues:
     values: dict[str, object] = {}
-    last: dict[str, object] = {}
-    for item in parsed:
+    last_cards: dict[str, str] = {}
+    for card in cards:
+        item = parse(card)
         if item is not None:
-            if item[0] not in values:
-                values[item[0]] = item[1]
-            last[item[0]] = item[1]
-    return HeaderValues(values, last)
+            values.setdefault(item[0], item[1])
+            last_cards[item[0]] = card.ljust(CARD_LENGTH)
+    return HeaderValues(values, last_cards)
+
+
+# ---------------------------------------------------------------------------------------
+# CFITSIO's own reading of a card's value, for the keywords Montage reads through it
+# ---------------------------------------------------------------------------------------
+
+_STRTOD = re.compile(r"[ \t\n\v\f\r]*([+-]?(\d+\.?\d*|\.\d+))([eE][+-]?\d+)?")
+_STRTOD_SPECIAL = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:inf|nan)", re.IGNORECASE)
+_SMALLEST_NORMAL = 2.2250738585072014e-308
+
+
+def cfitsio_value_text(card: str) -> str:
+    """The value string CFITSIO takes from a card (``ffpsvc``): a quoted string with its
+    quotes, else the token up to a blank or ``/``; empty for an undefined value."""
+    card = card[:CARD_LENGTH]
+    if card[8:10] == "= ":
+        position = 10
+    else:
+        position = card.find("=")
+        if position < 0:
+            return ""
+        position += 1
+    rest = card[position:].lstrip(" ")
+    if not rest or rest[0] == "/":
+        return ""
+    if rest[0] == "'":
+        k = 1
+        while k < len(rest):
+            if rest[k] == "'":
+                if rest[k + 1:k + 2] == "'":
+                    k += 2
+                    continue
+                return rest[:k + 1]
+            k += 1
+        return rest + "'"  # no closing quote: CFITSIO closes it
+    if rest[0] == "(":
+        end = rest.find(")")
+        return rest if end < 0 else rest[:end + 1]
+    return re.match(r"[^ /]*", rest).group()
+
+
+def cfitsio_c2dd(text: str) -> float:
+    """A string converted to a double as CFITSIO's ``ffc2dd`` does (strtod, the first
+    ``D`` read as ``E``, nothing but a blank after the number; overflow, underflow, NaN
+    and infinity are errors).
+
+    Raises
+    ------
+    ValueError
+        Where CFITSIO reports an error.
+    """
+    text = text.replace("D", "E", 1)
+    if _STRTOD_SPECIAL.match(text):
+        raise ValueError(f"{text!r} is not a finite number")
+    match = _STRTOD.match(text)
+    end = match.end() if match else 0  # strtod converts nothing: its end is the start
+    if end < len(text) and text[end] != " ":
+        raise ValueError(f"{text!r} is not a number")
+    if match is None:
+        return 0.0
+    value = float(match.group(0))
+    if math.isinf(value) or (abs(value) < _SMALLEST_NORMAL and re.search("[1-9]", match.group(1))):
+        raise ValueError(f"{text!r} is out of range")  # strtod's ERANGE
+    return value
+
+
+def cfitsio_c2d(value: str) -> float:
+    """A card's value string converted to a double as CFITSIO's ``ffc2d`` does: a
+    quoted string through :func:`cfitsio_c2dd`, a logical as 1 or 0.
+
+    Raises
+    ------
+    ValueError
+        Where CFITSIO reports an error (an undefined or complex value, a string that is
+        not a number).
+    """
+    if not value:
+        raise ValueError("undefined value")
+    if value[0] == "'":
+        return cfitsio_c2dd(value[1:-1].replace("''", "'"))
+    if value[0] in "TF":
+        return 1.0 if value[0] == "T" else 0.0
+    if value[0] == "(":
+        raise ValueError(f"{value!r} is a complex value")
+    return cfitsio_c2dd(value)
 
 
 def parse_cards(cards: Iterable[str]) -> dict[str, object]:
@@ -133,7 +219,7 @@ def parse_cards(cards: Iterable[str]) -> dict[str, object]:
     NotSimple
         A card is not a plain standard card.
     """
-    return _first_values(parse_card(card) for card in cards)
+    return _header_values(cards, parse_card)
 
 
 def read_header(stream, max_blocks: int = 100) -> tuple[dict[str, object], int]:
@@ -179,7 +265,7 @@ def read_header(stream, max_blocks: int = 100) -> tuple[dict[str, object], int]:
                     raise NotSimple("the first card is not SIMPLE = T or F")
                 if not _PRINTABLE.match("".join(cards)):
                     raise NotSimple("header cards that are not printable ASCII")
-                values = _first_values(_parse_printable(card) for card in cards[1:])
+                values = _header_values(cards[1:], _parse_printable)
                 return values, (block_number + 1) * BLOCK_LENGTH
             cards.append(card)
     raise NotSimple(f"no END card in the first {max_blocks} header blocks")

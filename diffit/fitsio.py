@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffit import _fitsread
-from diffit.fitsheader import NotSimple, read_header
+from diffit.fitsheader import NotSimple, cfitsio_c2d, cfitsio_c2dd, cfitsio_value_text, read_header
 from diffit.geometry import GridGeometry
 
 log = logging.getLogger(__name__)
@@ -173,17 +173,12 @@ def _int_value(header, key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-#: A number written as a string value (``CRPIX1 = '67.5'``), which CFITSIO reads as the
-#: number when a numeric keyword is asked for.
-_QUOTED_NUMBER = re.compile(r" *[+-]?(?:\d+\.?\d*|\.\d+)(?:[EeDd][+-]?\d+)? *\Z")
-
-
-def _last_value(header, key: str) -> object:
-    """The value of the last ``key`` card."""
-    if hasattr(header, "last"):  # diffit's own parser
-        return header.last(key)
-    values = [card.value for card in header.cards if card.keyword == key]  # astropy
-    return values[-1] if values else None
+def _last_card(header, key: str) -> str | None:
+    """The text of the last ``key`` card (None when there is none)."""
+    if hasattr(header, "last_card"):  # diffit's own parser
+        return header.last_card(key)
+    images = [card.image for card in header.cards if card.keyword == key]  # astropy
+    return images[-1] if images else None
 
 
 def _keyword(header, key: str, path: str, kind: type) -> float | int:
@@ -206,16 +201,16 @@ def _number(value: object, key: str, path: str, kind: type) -> float | int:
 
 def _crpix(header, key: str, path: str) -> float:
     """CRPIXn as CFITSIO reads it for Montage (``fits_read_keys_dbl``): from the last card
-    of the keyword (it scans the whole header), a number written as a string taken as
-    the number and a logical as 1 or 0."""
-    if key not in header:
+    of the keyword (it scans the whole header), converted as ``ffc2d`` converts it (a
+    number written as a string is the number, a logical 1 or 0)."""
+    card = _last_card(header, key) if key in header else None
+    if card is None:
         raise ImageError(f"{path}: no {key} keyword in the header")
-    value = _last_value(header, key)
-    if isinstance(value, bool):
-        value = float(value)
-    elif isinstance(value, str) and _QUOTED_NUMBER.match(value):
-        value = float(value.strip().replace("D", "E").replace("d", "e"))
-    return _number(value, key, path, float)
+    text = cfitsio_value_text(card)
+    try:
+        return cfitsio_c2d(text)
+    except ValueError:
+        raise ImageError(f"{path}: {key} = {text} is not a number") from None
 
 
 def _describe(error: BaseException) -> str:
@@ -235,14 +230,20 @@ def _blank(header) -> int | None:
 
 def header_scaling(header, path: str = "") -> tuple[float, float]:
     """BSCALE and BZERO as CFITSIO reads them when it opens an image for Montage: from
-    the last card of each (it reads every card), and a value that is not a plain
-    finite number (a string, a logical) as the default 1 or 0, with only a warning."""
+    the last card of each (it reads every card), converted as ``ffc2dd`` converts them,
+    and a value it cannot convert (a string, a logical, out of range) as the default
+    1 or 0, with only a warning."""
     values = []
     for key, default in (("BSCALE", 1.0), ("BZERO", 0.0)):
-        value = _last_value(header, key) if key in header else default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            log.debug("%s: %s = %r is not a number; %s is used, as CFITSIO does", path, key, value, default)
-            value = default
+        card = _last_card(header, key) if key in header else None
+        value = default
+        if card is not None:
+            text = cfitsio_value_text(card)
+            try:
+                value = cfitsio_c2dd(text)
+            except ValueError:
+                log.debug("%s: %s = %s is not a number; %s is used, as CFITSIO does",
+                          path, key, text, default)
         values.append(float(value))
     return values[0], values[1]
 
@@ -285,7 +286,10 @@ def open_image(path: str) -> OpenImage:
         raise ImageError(f"{path}: cannot be opened ({error.strerror or _describe(error)})") from None
     try:
         image = _open_plain(path, stream)
-    except (NotSimple, ImageError, OSError, ValueError, OverflowError):
+    except ImageError:  # the header was read; one of its keywords is unusable
+        stream.close()
+        raise
+    except (NotSimple, OSError, ValueError, OverflowError):
         image = None  # astropy decides (and words any error)
     if image is not None:
         stream.close()

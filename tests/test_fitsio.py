@@ -271,7 +271,9 @@ def _with_card(tmp_path: Path, keyword: str, value: str, extra: str = "") -> Pat
     return tmp_path / "v.fits"
 
 
-@pytest.mark.parametrize("keyword, value", [("CRPIX1", "'abc'"), ("CRPIX2", "'1.5 x'")])
+@pytest.mark.parametrize("keyword, value", [("CRPIX1", "'abc'"), ("CRPIX2", "'34.5d0'"),
+                                            ("CRPIX2", "34.5d0"), ("CRPIX1", "1.0E-400"),
+                                            ("CRPIX1", "1.0E400"), ("CRPIX2", "(1.0, 2.0)")])
 def test_unusable_keyword_values_are_named(tmp_path: Path, keyword: str, value: str) -> None:
     _assert_reason(_with_card(tmp_path, keyword, value), keyword)
 
@@ -279,6 +281,11 @@ def test_unusable_keyword_values_are_named(tmp_path: Path, keyword: str, value: 
 @pytest.mark.parametrize("keyword, value, extra, want", [
     ("CRPIX1", "'12.5'", "", ("crpix1", 12.5)),  # a number as a string: the number
     ("CRPIX2", "T", "", ("crpix2", 1.0)),  # a logical: 1 or 0
+    ("CRPIX2", "'1.5 x'", "", ("crpix2", 1.5)),  # strtod: a blank may follow the number
+    ("CRPIX2", "''", "", ("crpix2", 0.0)),  # an empty string converts to 0
+    ("CRPIX1", "34.5D0", "", ("crpix1", 34.5)),  # an upper-case D exponent
+    ("BSCALE", "1.0E-400", "", ("scale", 1.0)),  # underflow: the default
+    ("BZERO", "1.0E-310", "", ("zero", 0.0)),
     ("CRPIX1", "7.0", "CRPIX1  =                 9.25", ("crpix1", 9.25)),  # the last card
     ("BSCALE", "'x'", "", ("scale", 1.0)),  # not a number: the default, with a warning
     ("BZERO", "'5.0'", "", ("zero", 0.0)),

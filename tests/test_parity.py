@@ -559,7 +559,8 @@ def _replace_card(path: Path, keyword: str, card: str) -> None:
 
 
 @pytest.mark.parametrize("mutation", ["duplicate-crpix", "quoted-crpix", "logical-crpix", "quoted-bzero",
-                                      "duplicate-bzero", "simple-false"])
+                                      "duplicate-bzero", "simple-false", "crpix-lower-case-d",
+                                      "crpix-blank-after-number", "bscale-underflow"])
 def test_parity_unusual_image_headers(tmp_path: Path, candidate, mutation: str) -> None:
     """Headers that CFITSIO reads for Montage although they are odd: CRPIXn read by
     scanning the whole header (the last card wins), numbers written as strings, and
@@ -573,6 +574,12 @@ def test_parity_unusual_image_headers(tmp_path: Path, candidate, mutation: str) 
         _replace_card(image, "SPARE", f"CRPIX1  = {header['CRPIX1'] + 3.0!r}")
     elif mutation == "quoted-crpix":
         _replace_card(image, "CRPIX2", f"CRPIX2  = '{header['CRPIX2']!r}'")
+    elif mutation == "crpix-lower-case-d":  # not a number for CFITSIO: its pairs fail
+        _replace_card(image, "CRPIX2", f"CRPIX2  = '{header['CRPIX2']!r}d0'")
+    elif mutation == "crpix-blank-after-number":
+        _replace_card(image, "CRPIX2", f"CRPIX2  = '{header['CRPIX2']!r} px'")
+    elif mutation == "bscale-underflow":
+        _replace_card(image, "SPARE", "BSCALE  = 1.0E-400")
     elif mutation == "logical-crpix":
         _replace_card(image, "CRPIX2", "CRPIX2  = " + "T".rjust(20))
     elif mutation == "quoted-bzero":
