@@ -228,17 +228,20 @@ def _blank(header) -> int | None:
     return blank
 
 
-def header_scaling(header, path: str = "") -> tuple[float, float]:
+def header_scaling(header, path: str = "", *, template: bool = False) -> tuple[float, float]:
     """BSCALE and BZERO as CFITSIO reads them when it opens an image for Montage: from
     the last card of each (it reads every card), converted as ``ffc2dd`` converts them,
     and a value it cannot convert (a string, a logical, out of range) as the default
-    1 or 0, with only a warning."""
+    1 or 0, with only a warning. With ``template``, the cards are a text template's,
+    as CFITSIO's template writer puts them in a file (a ``d`` exponent becomes ``D``)."""
     values = []
     for key, default in (("BSCALE", 1.0), ("BZERO", 0.0)):
         card = _last_card(header, key) if key in header else None
         value = default
         if card is not None:
             text = cfitsio_value_text(card)
+            if template and text[:1] != "'" and "D" not in text:
+                text = text.replace("d", "D", 1)
             try:
                 value = cfitsio_c2dd(text)
             except ValueError:

@@ -277,7 +277,7 @@ def compute_difference(
 def difference_scaling(template: Template) -> tuple[float, float]:
     """BSCALE and BZERO of mDiff's difference files: the template's, which mDiff copies
     into them, as CFITSIO reads them back ((1.0, 0.0) for the usual template)."""
-    return header_scaling(template.header, template.path)
+    return header_scaling(template.header, template.path, template=True)
 
 
 def write_difference(paths: tuple[str, str], template: Template, result: Difference,

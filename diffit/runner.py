@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -223,6 +224,7 @@ class _Journal:
         self.output = output or path[:-len(JOURNAL_SUFFIX)]
         self._stream = None
         self._created = False
+        self._resume_at: int | None = None  # where a resumed run's records follow
 
     def acquire(self) -> None:
         """Open and lock the journal for this run.
@@ -230,27 +232,36 @@ class _Journal:
         Raises
         ------
         RunError
-            Another run holds it, or it cannot be opened.
+            Another run holds it, or it cannot be opened, or it is not a regular file.
         """
+        flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         for _ in range(100):  # another run may remove the file between our open and lock
             created = False
             try:
                 try:
-                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                    fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
                     created = True
                 except FileExistsError:
                     try:
-                        fd = os.open(self.path, os.O_RDWR)
+                        fd = os.open(self.path, flags)
                     except FileNotFoundError:
+                        if os.path.islink(self.path):
+                            raise self._odd("is a dangling symbolic link") from None
                         continue  # removed just now: create it afresh
             except OSError as error:
+                if os.path.islink(self.path):
+                    raise self._odd("is a symbolic link") from None
                 raise RunError(f"Can't write journal {self.path}: {_reason(error)}") from None
-            stream = open(fd, "r+", encoding="utf-8", newline="")
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                os.close(fd)
+                raise self._odd("is not a regular file")
+            stream = open(fd, "r+b")  # noqa: SIM115 - held (and locked) until the run ends
             if not _lock(stream, exclusive=True):
                 stream.close()
                 raise self._locked()
             try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                same = os.path.samestat(info, os.stat(self.path))
             except OSError:
                 same = False
             if same:
@@ -259,12 +270,19 @@ class _Journal:
             stream.close()  # we locked a file that another run has just removed
         raise self._locked()  # pragma: no cover - the file keeps vanishing
 
+    def _odd(self, what: str) -> RunError:
+        return RunError(f"journal {self.path} {what}; remove it")
+
     def _locked(self) -> RunError:
         return RunError(f"another diffit run is writing {self.output} (its journal is locked);"
                         " wait for it to end")
 
     def load(self) -> dict[int, dict]:
-        """Records of a previous run with the same signature (empty when none)."""
+        """Records of a previous run with the same signature (empty when none).
+
+        The journal is then cut after its last complete record, so that this run's
+        records follow it (a torn last line from a crash goes; that batch is redone).
+        """
         done: dict[int, dict] = {}
         corrupt = RunError(f"journal {self.path} is corrupt; remove it")
         try:
@@ -273,43 +291,50 @@ class _Journal:
             if not first:
                 return done  # a new (or empty) journal
             try:
-                signature = json.loads(first)
-            except json.JSONDecodeError:
+                signature = json.loads(first) if first.endswith(b"\n") else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise corrupt from None
             if signature != self.signature:
                 raise RunError(
                     f"journal {self.path} belongs to a run with other inputs or options;"
                     " remove it or rerun without --resume"
                 )
+            end = len(first)
             for line in self._stream:
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
+                    record = json.loads(line) if line.endswith(b"\n") else None
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    record = None
+                if record is None:
                     break  # a torn last line from a crash: that batch is redone
                 if not _valid_record(record, self.signature["pairs"]):
                     raise corrupt
                 done[record["index"]] = record
-        except UnicodeDecodeError:
-            raise corrupt from None
+                end += len(line)
+            self._resume_at = end
         except OSError as error:
             raise RunError(f"Can't read journal {self.path}: {error.strerror or error}") from None
         return done
 
-    def start(self, keep: dict[int, dict]) -> None:
-        """Write the journal afresh: this run's signature, then the kept records."""
+    def start(self) -> None:
+        """Start this run's records: after the loaded ones (``--resume``), else afresh
+        with this run's signature."""
         try:
-            self._stream.seek(0)
-            self._stream.truncate()
-            self._stream.write(json.dumps(self.signature) + "\n")
-            for record in keep.values():
-                self._stream.write(json.dumps(record) + "\n")
+            if self._resume_at is not None:
+                self._stream.seek(self._resume_at)
+                self._stream.truncate()
+            else:
+                self._stream.seek(0)
+                self._stream.truncate()
+                self._stream.write((json.dumps(self.signature) + "\n").encode())
             self._stream.flush()
         except OSError as error:  # e.g. ENOSPC
             raise RunError(f"Can't write journal {self.path}: {error.strerror or error}") from None
 
     def append(self, outcomes: list[PairOutcome]) -> None:
         try:
-            self._stream.write("".join(json.dumps(_outcome_record(o)) + "\n" for o in outcomes))
+            self._stream.write("".join(json.dumps(_outcome_record(o)) + "\n"
+                                       for o in outcomes).encode())
             self._stream.flush()
         except OSError as error:  # e.g. ENOSPC
             raise RunError(f"Can't write journal {self.path}: {error.strerror or error}") from None
@@ -502,19 +527,22 @@ def run(
     _check_output_folder(output)
     journal = _Journal(journal_path(output), signature, output)
     journal.acquire()  # the output's lock, held until the run ends: taken before any write
+    writer = None
     try:
         done = journal.load() if resume else {}
         writer = _OrderedWriter(output, on_outcome)
         bar = _make_bar(progress, total)
+        kept_names = _KeptNames(diffs, diffdir) if keep_all else None
     except BaseException:
+        if writer is not None:
+            writer.discard()
         journal.abandon()
         raise
     result = RunResult(outcomes=[] if keep_outcomes else None)
-    keep_freed_memory()  # per-pair arrays are recycled, not faulted in afresh
     finished = 0
-    kept_names = _KeptNames(diffs, diffdir) if keep_all else None
     try:
-        journal.start(done)
+        keep_freed_memory()  # per-pair arrays are recycled, not faulted in afresh
+        journal.start()
         remove_stale_temporaries(output, keep=writer.file.temporary)
         remove_stale_temporaries(journal.path)
         restored = [_restore(record) for record in done.values()]
@@ -549,8 +577,13 @@ def run(
         if kept_names is not None:
             kept_names.rewrite_winners(parsed_template, options)
         writer.commit()
-    except BaseException:
+    except KeyboardInterrupt:
+        writer.discard()
         journal.close()  # kept, so that --resume can finish the run
+        raise Interrupted(finished, total, journal.path) from None
+    except BaseException:
+        writer.discard()
+        journal.close()
         raise
     journal.remove()
     if result.outcomes is not None:

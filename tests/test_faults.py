@@ -498,8 +498,8 @@ def _fill_disk(monkeypatch, where: str) -> None:
     if where == "journal":
         start_journal = diffit.runner._Journal.start
 
-        def full_start(self, keep):
-            start_journal(self, keep)
+        def full_start(self):
+            start_journal(self)
             self._stream = _FullDisk(self._stream, "write")
 
         monkeypatch.setattr(diffit.runner._Journal, "start", full_start)

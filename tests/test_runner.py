@@ -379,3 +379,61 @@ def test_keep_all_names_shared_by_several_pairs_keep_the_last_pair(small_survey,
     assert sorted(p.name for p in parallel.iterdir()) == ["same.fits", "same_area.fits"]
     for name in ("same.fits", "same_area.fits"):
         assert (parallel / name).read_bytes() == (serial / name).read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "link to a file", "fifo"])
+def test_a_journal_path_that_is_not_a_plain_file_is_refused(small_survey, tmp_path, kind) -> None:
+    output = tmp_path / "fits.tbl"
+    journal = Path(str(output) + ".journal")
+    other = tmp_path / "unrelated.txt"
+    other.write_text("keep me\n")
+    if kind == "dangling link":
+        journal.symlink_to(tmp_path / "nowhere")
+    elif kind == "link to a file":
+        journal.symlink_to(other)
+    else:
+        os.mkfifo(journal)
+    with pytest.raises(RunError, match=r"journal .*fits.tbl.journal (is a|is not a).*; remove it"):
+        _run(small_survey, output, jobs=1)
+    assert other.read_text() == "keep me\n" and not output.exists()
+
+
+def test_resume_appends_to_the_journal_instead_of_rewriting_it(small_survey, tmp_path, monkeypatch) -> None:
+    """A resumed run's journal keeps the earlier records where they are: rewriting them (as
+    a run once did) lost them all when that write failed (a full disk)."""
+    output = tmp_path / "fits.tbl"
+    reference = tmp_path / "reference.tbl"
+    _run(small_survey, reference, jobs=1)
+
+    def interrupt_late(batch, template, options):
+        if batch[0].index >= 4:
+            raise KeyboardInterrupt
+        return process_batch(batch, template, options)
+
+    with pytest.raises(Interrupted):
+        _run(small_survey, output, jobs=1, batch_size=1, task=interrupt_late)
+    journal = Path(str(output) + ".journal")
+    before = journal.read_bytes()
+    start = diffit.runner._Journal.start
+
+    class FullDisk:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    def start_on_full_disk(self):
+        self._stream = FullDisk(self._stream)
+        start(self)
+
+    monkeypatch.setattr(diffit.runner._Journal, "start", start_on_full_disk)
+    with pytest.raises(RunError, match="Can't write journal"):
+        _run(small_survey, output, jobs=1, resume=True)
+    assert journal.read_bytes() == before
+    monkeypatch.undo()
+    _run(small_survey, output, jobs=1, resume=True)
+    assert output.read_bytes() == reference.read_bytes() and not journal.exists()
