@@ -544,8 +544,8 @@ def _read_plain(image: OpenImage, index: tuple) -> np.ndarray:
         picked_rows = np.arange(row0, row1, step)
         picked_cols = np.arange(col0, col1, col_step)
         if picked_rows.size == 0 or picked_cols.size == 0:
-            return _read_plain(image, index[:-2] + (slice(0, 0), slice(0, 0)))[
-                :picked_rows.size, :picked_cols.size]
+            empty = _read_plain(image, index[:-2] + (slice(0, 0), slice(0, 0)))  # its dtype
+            return np.empty((picked_rows.size, picked_cols.size), dtype=empty.dtype)
         top, left = picked_rows.min(), picked_cols.min()
         span = _read_plain(image, index[:-2] + (slice(top, picked_rows.max() + 1),
                                                 slice(left, picked_cols.max() + 1)))

@@ -14,13 +14,12 @@ message ("Images don't overlap", "All pixels are blank.", "Too few pixels to fit
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
 import threading
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -273,7 +272,7 @@ def compute_difference(
     return PairDifference(pixels=pixels, crpix1=crpix1, crpix2=crpix2, scale=scale, zero=zero)
 
 
-@functools.lru_cache(maxsize=8)
+@lru_cache(maxsize=8)
 def difference_scaling(template: Template) -> tuple[float, float]:
     """BSCALE and BZERO of mDiff's difference files: the template's, which mDiff copies
     into them, as CFITSIO reads them back ((1.0, 0.0) for the usual template)."""
