@@ -561,19 +561,6 @@ def run(
             finished += len(outcomes)
             if bar is not None:
                 bar(len(outcomes))
-    except KeyboardInterrupt:
-        writer.discard()
-        journal.close()
-        raise Interrupted(finished, total, journal.path) from None
-    except BaseException:
-        writer.discard()
-        journal.close()
-        raise
-    finally:
-        _close_readers()
-        if bar is not None and hasattr(bar, "close"):
-            bar.close()
-    try:
         if kept_names is not None:
             kept_names.rewrite_winners(parsed_template, options)
         writer.commit()
@@ -585,6 +572,10 @@ def run(
         writer.discard()
         journal.close()
         raise
+    finally:
+        _close_readers()
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
     journal.remove()
     if result.outcomes is not None:
         result.outcomes.sort(key=lambda o: o.index)
