@@ -14,7 +14,6 @@ top of a heap. On other C libraries this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 #: Blocks at least this large are still given their own mapping (glibc's maximum).
@@ -41,8 +40,9 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The process's own symbols (dlopen(NULL)) include the C library's: no
+        # ctypes.util.find_library, which imports subprocess and runs ldconfig.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)

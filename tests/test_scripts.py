@@ -5,8 +5,11 @@ asserts a time (timings belong to the benchmarks themselves, not to tests)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,35 @@ def test_bench_huge_table_memory(tmp_path: Path) -> None:
 def test_bench_core_scaling() -> None:
     out = run_script("bench_core_scaling.py", "--repeats", "1", "--fits", "5")
     assert out.startswith("two-core throughput over one core")
+
+
+def test_process_tree_walks_descendants_through_threads() -> None:
+    """The sampler's cheap walk (children files) finds what a full /proc scan finds:
+    a child started from a worker thread and that child's own child."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import proctree
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    code = ("import subprocess, threading, time\n"
+            "def spawn():\n"
+            "    subprocess.Popen(['sh', '-c', 'sleep 30 & wait'])\n"
+            "t = threading.Thread(target=spawn); t.start(); t.join()\n"
+            "time.sleep(30)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    scanned: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(proctree._scan_tree(parent.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        scanned = sorted(proctree._scan_tree(parent.pid))
+        assert len(scanned) == 3  # python, sh, sleep
+        assert sorted(proctree.process_tree(parent.pid)) == scanned
+        assert proctree.tree_rss(parent.pid) > 0
+    finally:
+        for pid in scanned[::-1] or [parent.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        parent.wait()
