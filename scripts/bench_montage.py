@@ -29,12 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_core_scaling  # noqa: E402
 from proctree import measure  # noqa: E402
 
-MONTAGE = ("import sys; from MontagePy.main import mDiffFitExec as m; "
+# Each timed process also prints how long the call itself took (CALL_SECONDS), so that
+# the fixed start-up (interpreter, imports), which no worker count changes, can be told
+# apart from the run.
+CALL_SECONDS = "call seconds:"
+MONTAGE = ("import sys, time; from MontagePy.main import mDiffFitExec as m; t = time.perf_counter(); "
            "r = m(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]); "
-           "print(r); sys.exit(r['status'] != '0')")
-DIFFIT = ("import sys, diffit; "
+           f"print(r); print('{CALL_SECONDS}', time.perf_counter() - t); sys.exit(r['status'] != '0')")
+DIFFIT = ("import sys, time, diffit; t = time.perf_counter(); "
           "r = diffit.mDiffFitExec(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], "
-          "jobs=int(sys.argv[6])); print(r); sys.exit(r['status'] != '0')")
+          f"jobs=int(sys.argv[6])); print(r); print('{CALL_SECONDS}', time.perf_counter() - t); "
+          "sys.exit(r['status'] != '0')")
 
 
 def make_or_reuse(root: Path, n_tiles: int, tile_shape: tuple[int, int]):
@@ -89,6 +94,14 @@ def run_tool(code: str, args: list[str]):
     return result
 
 
+def call_seconds(stdout: str) -> float:
+    """The duration of the tool's call, as the timed process printed it."""
+    for line in stdout.splitlines():
+        if line.startswith(CALL_SECONDS):
+            return float(line[len(CALL_SECONDS):])
+    raise SystemExit(f"benchmark run printed no call time: {stdout}")
+
+
 def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape) -> dict:
     root = workdir / f"survey-{n_tiles}"
     projdir, diffs, template, n_pairs = make_or_reuse(root, n_tiles, tile_shape)
@@ -98,6 +111,7 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
     common = [str(projdir), str(diffs), str(template)]
     times = {"montage": [], f"diffit_j{jobs}": [], "diffit_j1": []}
     peaks = {key: [] for key in times}
+    calls = {key: [] for key in times}
     # Untimed warm-up of both (imports, page cache).
     run_tool(MONTAGE, [*common, str(root / "mdiffs"), str(montage_out)])
     run_tool(DIFFIT, [*common, str(root / "ddiffs"), str(root / "diffit.tbl"), str(jobs)])
@@ -114,6 +128,7 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
                                 str(output), *extra])
             times[key].append(m.seconds)
             peaks[key].append(m.peak_mb)
+            calls[key].append(call_seconds(m.stdout))
             if key != "montage" and output.read_text() != reference:
                 raise SystemExit(f"{key}: fits.tbl differs from Montage's on {n_tiles} tiles")
             if key == "montage":
@@ -135,6 +150,10 @@ def bench_size(workdir: Path, n_tiles: int, repeats: int, jobs: int, tile_shape)
         "speedup_vs_montage": median["montage"] / median[f"diffit_j{jobs}"],
         "speedup_vs_montage_1_worker": median["montage"] / median["diffit_j1"],
         "scaling_1_to_n_workers": median["diffit_j1"] / median[f"diffit_j{jobs}"],
+        # The same without the process start-up: the call alone, timed inside the process.
+        "call_seconds": calls,
+        "call_scaling_1_to_n_workers": (statistics.median(calls["diffit_j1"])
+                                        / statistics.median(calls[f"diffit_j{jobs}"])),
         "diffit_one_pair_seconds": statistics.median(startup),
         "core_ceiling_per_round": ceiling,
         "identical_output": True,
@@ -175,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
               f" loading the compiled kernels) takes {r['diffit_one_pair_seconds']:.2f} s;"
               f" 1 -> {args.jobs} workers round by round: "
               + ", ".join(f"{x:.2f}x" for x in rounds)
-              + f" (median {statistics.median(rounds):.2f}x)")
+              + f" (median {statistics.median(rounds):.2f}x); the call alone, without the"
+              f" process start-up: {r['call_scaling_1_to_n_workers']:.2f}x")
         ceiling = sorted(r["core_ceiling_per_round"])
         print(f"{r['tiles']} tiles: this machine's own 1 -> {args.jobs} core ceiling in the same rounds"
               f" (compiled fit kernel, pure compute): "

@@ -35,6 +35,10 @@ def test_bench_montage_side_by_side(tmp_path: Path) -> None:
     assert result["runs"] == {"montage": 2, "diffit_j2": 2, "diffit_j1": 2}
     assert len(result["scaling_per_round"]) == len(result["core_ceiling_per_round"]) == 2
     assert all(value > 0 for value in result["peak_rss_mb"].values())
+    for key, calls in result["call_seconds"].items():  # the call is part of its process's time
+        assert len(calls) == 2
+        assert all(0 < call < whole for call, whole in zip(calls, result["seconds"][key]))
+    assert result["call_scaling_1_to_n_workers"] > 0
 
 
 def test_bench_huge_table_memory(tmp_path: Path) -> None:
