@@ -1,8 +1,8 @@
 """Compiled kernels of :mod:`diffit.boundingbox`: row extremes, convex hull, minimum-area box.
 
 :mod:`diffit.boundingbox` describes the algorithm (Montage's ``pixbounds``) and holds the
-public functions. This module does the work, with the GIL released, so that worker threads
-can bound several images at once:
+public functions. This module does the work, with the GIL released (except on inputs too
+small to be worth the hand-off), so that worker threads can bound several images at once:
 
 * :func:`row_extremes` finds, for every row, the first and last finite pixel.
 * :func:`hull_box` turns those row extremes (two rows or more) into the box: convex hull,
@@ -18,6 +18,12 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 import numpy as np
+
+#: Smaller images and hulls are bounded without releasing the GIL: releasing and
+#: retaking it costs two thread hand-offs whenever another worker thread waits for it,
+#: more than the work on inputs this small (see diffit._fitsread.NOGIL_MIN_BYTES).
+NOGIL_MIN_PIXELS = 32768
+NOGIL_MIN_ROWS = 256
 
 # Compile-time constants (so that the C compiler can unroll and fold with them).
 cdef extern from *:
@@ -72,9 +78,11 @@ def row_extremes(const double[:, ::1] image):
     result = np.empty((3, ny), np.int64)  # rows, lo, hi
     cdef int64_t[:, ::1] out = result
     cdef Py_ssize_t k = 0
-    if ny > 0 and nx > 0:
+    if ny > 0 and nx > 0 and ny * nx >= NOGIL_MIN_PIXELS:
         with nogil:
             k = _row_extremes(&bits[0], ny, nx, &out[0, 0], &out[1, 0], &out[2, 0])
+    elif ny > 0 and nx > 0:
+        k = _row_extremes(&bits[0], ny, nx, &out[0, 0], &out[1, 0], &out[2, 0])
     return result[0, :k], result[1, :k], result[2, :k]
 
 
@@ -168,10 +176,13 @@ def hull_box(const int64_t[::1] rows, const int64_t[::1] lo, const int64_t[::1] 
     cdef Box box
     cdef int status
     cdef double angle = 0.0
-    with nogil:
+    if nrow >= NOGIL_MIN_ROWS:
+        with nogil:
+            status = _hull_box(&rows[0], &lo[0], &hi[0], nrow, crpix1, crpix2, &box)
+    else:
         status = _hull_box(&rows[0], &lo[0], &hi[0], nrow, crpix1, crpix2, &box)
-        if status == 0 and box.found:
-            angle = _box_angle(box.A, box.B)
+    if status == 0 and box.found:
+        angle = _box_angle(box.A, box.B)
     if status != 0:
         raise MemoryError("no memory for the convex hull")
     if not box.found:  # unreachable for >= 2 usable rows; Montage would leak stale statics

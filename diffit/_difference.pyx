@@ -10,8 +10,9 @@ arithmetic, exactly as numpy widens it, and the operations are Montage's, in Mon
 order; the build forbids the C compiler to contract ``a*b + c`` into fused
 multiply-adds or to reassociate, so the doubles are Montage's.
 
-The kernels run without the GIL (worker threads difference pairs concurrently); every
-array they return is allocated before the GIL is released.
+The kernels run without the GIL (worker threads difference pairs concurrently), except on
+windows too small to be worth the hand-off (:data:`NOGIL_MIN_PIXELS`); every array they
+return is allocated before the GIL is released.
 """
 from libc.float cimport DBL_MIN
 from libc.math cimport NAN, fabs, isfinite
@@ -26,6 +27,11 @@ ctypedef fused flux_t:
 ctypedef fused area_t:
     float
     double
+
+#: Windows of fewer pixels are differenced without releasing the GIL: releasing and
+#: retaking it costs two thread hand-offs whenever another worker thread waits for it,
+#: more than the work on a window this small (see diffit._fitsread.NOGIL_MIN_BYTES).
+NOGIL_MIN_PIXELS = 8192
 
 
 cdef inline bint _finite(double x) noexcept nogil:
@@ -205,30 +211,54 @@ def difference_kernel(const flux_t[:, :] flux1, const area_t[:, :] area1,
     cdef int64_t[::1] row_starts = row_starts_array
     cdef double[::1] row_values = np.empty(nx)
     cdef double[::1] row_areas = np.empty(nx)
+    cdef Py_ssize_t extent[4]
+    cdef Py_ssize_t n, n_finite = 0
+    if ny * nx >= NOGIL_MIN_PIXELS:
+        with nogil:
+            n = _difference_rows(flux1, area1, flux2, area2, unit, tolerance, cols, values,
+                                 areas, row_starts, row_values, row_areas, extent, &n_finite)
+    else:
+        n = _difference_rows(flux1, area1, flux2, area2, unit, tolerance, cols, values, areas,
+                             row_starts, row_values, row_areas, extent, &n_finite)
+    return row_starts_array, extent[0], extent[1], extent[2], extent[3], n, n_finite
+
+
+cdef Py_ssize_t _difference_rows(const flux_t[:, :] flux1, const area_t[:, :] area1,
+                                 const flux_t[:, :] flux2, const area_t[:, :] area2,
+                                 bint unit, double tolerance, int32_t[::1] cols,
+                                 double[::1] values, double[::1] areas,
+                                 int64_t[::1] row_starts, double[::1] row_values,
+                                 double[::1] row_areas, Py_ssize_t *extent,
+                                 Py_ssize_t *n_finite) noexcept nogil:
+    """The body of :func:`difference_kernel`: returns the number of kept pixels and sets
+    ``extent`` to ``imin, imax, jmin, jmax`` and ``n_finite``."""
+    cdef Py_ssize_t ny = flux1.shape[0]
+    cdef Py_ssize_t nx = flux1.shape[1]
     cdef Py_ssize_t imin = nx, imax = -1, jmin = ny, jmax = -1
-    cdef Py_ssize_t n = 0, n_finite = 0, start, j
-    cdef double reference
-    with nogil:
-        reference = _reference_area(flux1, area1, flux2, area2)
-        for j in range(ny):
-            row_starts[j] = n
-            if unit and nx > 0:
-                _unit_row_differences(&flux1[j, 0], &area1[j, 0], &flux2[j, 0], &area2[j, 0],
-                                      nx, reference, tolerance, &row_values[0],
-                                      &row_areas[0])
-            else:
-                _row_differences(flux1, area1, flux2, area2, j, reference, tolerance,
-                                 row_values, row_areas)
-            start = n
-            n = _append_kept(row_values, row_areas, cols, values, areas, n, &n_finite)
-            if n > start:
-                if j < jmin:
-                    jmin = j
-                jmax = j
-                imin = min(imin, <Py_ssize_t>cols[start])
-                imax = max(imax, <Py_ssize_t>cols[n - 1])
-        row_starts[ny] = n
-    return row_starts_array, imin, imax, jmin, jmax, n, n_finite
+    cdef Py_ssize_t n = 0, start, j
+    cdef double reference = _reference_area(flux1, area1, flux2, area2)
+    for j in range(ny):
+        row_starts[j] = n
+        if unit and nx > 0:
+            _unit_row_differences(&flux1[j, 0], &area1[j, 0], &flux2[j, 0], &area2[j, 0],
+                                  nx, reference, tolerance, &row_values[0], &row_areas[0])
+        else:
+            _row_differences(flux1, area1, flux2, area2, j, reference, tolerance,
+                             row_values, row_areas)
+        start = n
+        n = _append_kept(row_values, row_areas, cols, values, areas, n, n_finite)
+        if n > start:
+            if j < jmin:
+                jmin = j
+            jmax = j
+            imin = min(imin, <Py_ssize_t>cols[start])
+            imax = max(imax, <Py_ssize_t>cols[n - 1])
+    row_starts[ny] = n
+    extent[0] = imin
+    extent[1] = imax
+    extent[2] = jmin
+    extent[3] = jmax
+    return n
 
 
 cdef inline double _scaled_read_back(double z, double scale, double zero) noexcept nogil:
@@ -354,10 +384,16 @@ def coordinates(const int32_t[::1] cols, const double[::1] values,
     cdef Py_ssize_t count
     cdef Py_ssize_t n_pixels = 0
     cdef bint scaled = scale != 1.0 or zero != 0.0
-    with nogil:
-        count = _fill_coordinates(cols, values, row_starts, imin, jmin, jmax, crpix1,
-                                  crpix2, all_finite, scaled, scale, zero, xs, ys, zs, rows,
-                                  lo, hi, &n_pixels)
+    cdef Py_ssize_t kept = row_starts[jmax + 1] - row_starts[jmin] if jmax >= jmin else 0
+    if kept >= 3 * NOGIL_MIN_PIXELS:  # about a third of the difference's work per pixel
+        with nogil:
+            count = _fill_coordinates(cols, values, row_starts, imin, jmin, jmax, crpix1,
+                                      crpix2, all_finite, scaled, scale, zero, xs, ys, zs,
+                                      rows, lo, hi, &n_pixels)
+    else:
+        count = _fill_coordinates(cols, values, row_starts, imin, jmin, jmax, crpix1, crpix2,
+                                  all_finite, scaled, scale, zero, xs, ys, zs, rows, lo, hi,
+                                  &n_pixels)
     return rows_array, lo_array, hi_array, count, n_pixels
 
 

@@ -801,6 +801,32 @@ cdef FitResult _fit(const double[::1] xs, const double[::1] ys, const double[::1
     return result
 
 
+#: Fits of fewer pixels run without releasing the GIL: releasing and retaking it costs
+#: two thread hand-offs whenever another worker thread waits for it (tens of
+#: microseconds on a busy machine), about the time 20 iterations over this many pixels
+#: take; below it, releasing only made two threads slower than one.
+NOGIL_MIN_PIXELS = 1024
+
+
+cdef void _survey(const double[::1] xs, const double[::1] ys, const double[::1] zs,
+                  bint level_only, bint *finite, int *scale_bits,
+                  Py_ssize_t *rows) noexcept nogil:
+    """What decides the fit's path: all finite, the exact path's scale, its row count."""
+    finite[0] = _all_finite(xs, ys, zs)
+    if finite[0] and not level_only:
+        scale_bits[0] = _exact_scale_bits(xs, ys)
+    if scale_bits[0] >= 0:
+        rows[0] = _count_rows(ys)
+
+
+cdef FitResult _fit_in_mode(const double[::1] xs, const double[::1] ys, const double[::1] zs,
+                            Mode mode, bint level_only, int n_iterations, bint stop_early,
+                            int64_t[::1] starts, double[::1] residual) noexcept nogil:
+    if mode == EXACT:
+        _row_starts(ys, starts)
+    return _fit(xs, ys, zs, mode, level_only, n_iterations, stop_early, starts, residual)
+
+
 def fit_kernel(const double[::1] xs, const double[::1] ys, const double[::1] zs,
                bint level_only, int n_iterations, bint stop_early):
     """Montage's iterative clipped plane fit over compacted pixels.
@@ -853,12 +879,13 @@ def fit_kernel(const double[::1] xs, const double[::1] ys, const double[::1] zs,
     cdef FitResult result
     if ys.shape[0] != n or zs.shape[0] != n:
         raise ValueError("xs, ys and zs must have the same length")
-    with nogil:
-        finite = _all_finite(xs, ys, zs)
-        if finite and not level_only:
-            scale_bits = _exact_scale_bits(xs, ys)
-        if scale_bits >= 0:
-            rows = _count_rows(ys)
+    # Small fits keep the GIL (see NOGIL_MIN_PIXELS); the two blocks are one choice.
+    cdef bint release = n >= NOGIL_MIN_PIXELS
+    if release:
+        with nogil:
+            _survey(xs, ys, zs, level_only, &finite, &scale_bits, &rows)
+    else:
+        _survey(xs, ys, zs, level_only, &finite, &scale_bits, &rows)
     if not finite:
         mode = ANY
     elif level_only:
@@ -869,11 +896,13 @@ def fit_kernel(const double[::1] xs, const double[::1] ys, const double[::1] zs,
         mode = FINITE
     cdef double[::1] residual = np.empty(n)  # contents unused until written (see _fit)
     cdef int64_t[::1] starts = np.empty(rows + 1, dtype=np.int64)  # the exact path's rows
-    with nogil:
-        if mode == EXACT:
-            _row_starts(ys, starts)
-        result = _fit(xs, ys, zs, mode, level_only, n_iterations, stop_early, starts,
-                      residual)
+    if release:
+        with nogil:
+            result = _fit_in_mode(xs, ys, zs, mode, level_only, n_iterations, stop_early,
+                                  starts, residual)
+    else:
+        result = _fit_in_mode(xs, ys, zs, mode, level_only, n_iterations, stop_early, starts,
+                              residual)
     return (result.status, result.a, result.b, result.c, result.xmin, result.xmax,
             result.ymin, result.ymax, result.xcenter, result.ycenter, result.npixel,
             result.rms)

@@ -156,6 +156,131 @@ def signature(path):
     return (values[0], values[1], values[2], values[3], values[4])
 
 
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <sys/stat.h>
+    #ifdef _WIN32
+    #include <fcntl.h>
+    #include <io.h>
+    #else
+    #include <fcntl.h>
+    #include <unistd.h>
+    #endif
+
+    /* The first max_bytes bytes of a regular file (fewer if it is shorter) and its size.
+       kind is 0 for a regular file, 1 for a directory and 2 for anything else (a FIFO,
+       device or socket: not opened, so that nothing blocks). Returns 0 or an errno. */
+    static int diffit_read_head(const char *path, char *buffer, long long max_bytes,
+                                long long *got, long long *size, int *kind)
+    {
+        int status = 0;
+    #ifdef _WIN32
+        struct _stati64 info;
+        int fd;
+    #else
+        struct stat info;
+        int fd;
+    #endif
+        *got = 0; *size = 0; *kind = 0;
+    #ifdef _WIN32
+        if (_stati64(path, &info) != 0) return errno;
+    #else
+        if (stat(path, &info) != 0) return errno;
+    #endif
+        if (S_ISDIR(info.st_mode)) { *kind = 1; return 0; }
+        if (!S_ISREG(info.st_mode)) { *kind = 2; return 0; }
+    #ifdef _WIN32
+        fd = _open(path, _O_RDONLY | _O_BINARY);
+        if (fd < 0) return errno;
+        if (_fstati64(fd, &info) != 0) { status = errno; goto finish; }
+        *size = (long long)info.st_size;
+        while (*got < max_bytes) {
+            long long part = max_bytes - *got;
+            int n;
+            if (part > (1 << 30)) part = 1 << 30;
+            n = _read(fd, buffer + *got, (unsigned int)part);
+            if (n < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
+            if (n == 0) break;
+            *got += n;
+        }
+    finish:
+        _close(fd);
+    #else
+        /* O_NONBLOCK: a FIFO put in the file's place since the stat must not hang. */
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+        if (fd < 0) return errno;
+        if (fstat(fd, &info) != 0) { status = errno; goto finish; }
+        if (!S_ISREG(info.st_mode)) { *kind = S_ISDIR(info.st_mode) ? 1 : 2; goto finish; }
+        *size = (long long)info.st_size;
+        while (*got < max_bytes) {
+            ssize_t n = pread(fd, buffer + *got, (size_t)(max_bytes - *got), (off_t)*got);
+            if (n < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
+            if (n == 0) break;
+            *got += n;
+        }
+    finish:
+        close(fd);
+    #endif
+        return status;
+    }
+    """
+    int diffit_read_head(const char *path, char *buffer, long long max_bytes,
+                         long long *got, long long *size, int *kind)
+
+
+#: What :func:`read_head` reports for a file that is not a regular file.
+HEAD_KINDS = ("file", "directory", "other")
+
+
+def read_head(path, Py_ssize_t max_bytes):
+    """The start of a file, its size and its kind, in one call that keeps the GIL.
+
+    Opening a header through a Python file object (open, fstat, isatty, tell, read,
+    close, plus a stat first) releases and retakes the GIL about nine times; with worker
+    threads each of those is a hand-off to another thread's Python code. On a small
+    image, where the kernels are quick, those hand-offs made two threads slower than
+    one. This makes the few system calls with the GIL held.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+    max_bytes : int
+        How much of its start to read.
+
+    Returns
+    -------
+    kind : str
+        ``"file"``, ``"directory"`` or ``"other"`` (a FIFO, device or socket, which is
+        not opened).
+    size : int
+        The file's size (0 unless it is a regular file).
+    head : bytes
+        Its first ``max_bytes`` bytes, or all of it when it is shorter.
+
+    Raises
+    ------
+    OSError
+        The file cannot be stat-ed, opened or read (``FileNotFoundError`` when missing).
+    ValueError
+        The name holds a NUL character.
+    """
+    encoded = os.fsencode(path)
+    if b"\0" in encoded:
+        raise ValueError("embedded null byte")
+    cdef const char *c_path = encoded
+    head = bytearray(max(max_bytes, 0))
+    cdef char *buffer = head
+    cdef long long got = 0, size = 0
+    cdef int kind = 0
+    cdef int status = diffit_read_head(c_path, buffer, max(max_bytes, 0), &got, &size, &kind)
+    if status != 0:
+        raise OSError(status, os.strerror(status), path)
+    del head[got:]
+    return HEAD_KINDS[kind], size, bytes(head)
+
+
 class TruncatedFile(Exception):
     """The file ends before the image's data do."""
 
@@ -319,6 +444,36 @@ cdef void _convert_double(const uint8_t *band, Py_ssize_t row_bytes, Py_ssize_t 
 BAND_FACTOR = 8
 BAND_BYTES = 4 << 20
 
+#: Windows of fewer bytes are read without releasing the GIL. Releasing and retaking it
+#: costs two thread hand-offs whenever another worker thread is waiting for it (tens of
+#: microseconds on a busy machine); a small window is read faster than that, so for small
+#: images releasing it only made two threads slower than one.
+NOGIL_MIN_BYTES = 64 * 1024
+
+
+_NO_FLOATS = np.empty((0, 0), dtype=np.float32)  # the unused one of the two outputs
+_NO_DOUBLES = np.empty((0, 0))
+
+
+cdef int _read_converted(const char *c_path, long long offset, long long min_size,
+                         uint8_t *band, Py_ssize_t row_bytes, Py_ssize_t row_stride,
+                         Py_ssize_t rows, Py_ssize_t first_col, int bitpix, bint as_float32,
+                         bint scaled, double scale, double zero, bint has_blank,
+                         int64_t blank_value, float[:, ::1] out32,
+                         double[:, ::1] out64) noexcept nogil:
+    """Read the rows and convert the window (see :func:`read_window`); 0 or an error."""
+    cdef int status = diffit_read_rows(c_path, offset, min_size, <char*>band, row_bytes,
+                                       row_stride, rows)
+    if status == 0:
+        if as_float32:
+            _convert_float32(band, row_bytes, first_col, out32)
+        elif bitpix == -64 and not scaled:
+            _convert_float64(band, row_bytes, first_col, out64)
+        else:
+            _convert_double(band, row_bytes, first_col, bitpix, scaled, scale, zero,
+                            has_blank, blank_value, out64)
+    return status
+
 
 def read_window(path, Py_ssize_t data_offset, int bitpix, Py_ssize_t naxis1,
                 Py_ssize_t data_bytes, Py_ssize_t row0, Py_ssize_t row1, Py_ssize_t col0,
@@ -386,28 +541,22 @@ def read_window(path, Py_ssize_t data_offset, int bitpix, Py_ssize_t naxis1,
     cdef long long min_size = data_offset + data_bytes
     cdef bint as_float32 = bitpix == -32 and not scaled
     out = np.empty((rows, col1 - col0), dtype=np.float32 if as_float32 else np.float64)
-    cdef float[:, ::1] out32
-    cdef double[:, ::1] out64
-    if as_float32:
-        out32 = out
-    else:
-        out64 = out
+    cdef float[:, ::1] out32 = out if as_float32 else _NO_FLOATS
+    cdef double[:, ::1] out64 = _NO_DOUBLES if as_float32 else out
     cdef uint8_t *band = <uint8_t*>malloc(nbytes if nbytes > 0 else 1)
     if band == NULL:
         raise MemoryError(f"cannot allocate {nbytes} bytes to read {path}")
     cdef int status
     try:
-        with nogil:
-            status = diffit_read_rows(c_path, offset, min_size, <char*>band, row_bytes,
-                                      row_stride, rows)
-            if status == 0:
-                if as_float32:
-                    _convert_float32(band, row_bytes, first_col, out32)
-                elif bitpix == -64 and not scaled:
-                    _convert_float64(band, row_bytes, first_col, out64)
-                else:
-                    _convert_double(band, row_bytes, first_col, bitpix, scaled, scale, zero,
-                                    has_blank, blank_value, out64)
+        if nbytes >= NOGIL_MIN_BYTES:
+            with nogil:
+                status = _read_converted(c_path, offset, min_size, band, row_bytes, row_stride,
+                                         rows, first_col, bitpix, as_float32, scaled, scale,
+                                         zero, has_blank, blank_value, out32, out64)
+        else:
+            status = _read_converted(c_path, offset, min_size, band, row_bytes, row_stride,
+                                     rows, first_col, bitpix, as_float32, scaled, scale, zero,
+                                     has_blank, blank_value, out32, out64)
     finally:
         free(band)
     if status == -1:

@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import re
-import stat
 import threading
 import warnings
 import weakref
@@ -137,6 +136,8 @@ class OpenImage:
     def close(self) -> None:
         """Close the file (and drop the memory map)."""
         self.whole = None
+        if self.hdul is None and self.stream is None:  # read without astropy: nothing open
+            return
         with quiet_astropy():
             for closable in (self.hdul, self.stream):
                 try:
@@ -270,33 +271,36 @@ def open_image(path: str) -> OpenImage:
         lacks (or has unusable) NAXISn/CRPIXn/BSCALE/BZERO keywords.
     """
     try:
-        info = os.stat(path)
+        kind, size, head = _fitsread.read_head(path, HEAD_BYTES)
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except OSError as error:  # a loop of symbolic links, a file in place of a folder, ...
         raise ImageError(f"{path}: cannot be opened ({error.strerror or _describe(error)})") from None
     except (TypeError, ValueError):
         raise ImageError(f"{path!r}: not a usable file name") from None
-    if stat.S_ISDIR(info.st_mode):
+    if kind == "directory":
         raise ImageError(f"{path}: is a directory, not a FITS file")
-    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the worker for ever
+    if kind != "file":  # a FIFO would block the worker for ever
         raise ImageError(f"{path}: not a regular file (a pipe, device or socket)")
+    # Most images: the header is in the bytes just read, parsed without astropy.
+    image = _plain_or_none(path, io.BytesIO(head), size)
+    if image is not None:
+        return image
     try:
         # Our own file object: astropy leaves a file it opened itself open when it then
         # fails to parse it; this one is closed on every failure.
         stream = open(path, "rb")  # noqa: SIM115 - kept open with the image
     except OSError as error:
         raise ImageError(f"{path}: cannot be opened ({error.strerror or _describe(error)})") from None
-    try:
-        image = _open_plain(path, stream)
-    except ImageError:  # the header was read; one of its keywords is unusable
-        stream.close()
-        raise
-    except (NotSimple, OSError, ValueError, OverflowError):
-        image = None  # astropy decides (and words any error)
-    if image is not None:
-        stream.close()
-        return image
+    if len(head) == HEAD_BYTES:  # a header longer than that, or a changed file: read it all
+        try:
+            image = _plain_or_none(path, stream, os.fstat(stream.fileno()).st_size)
+        except ImageError:
+            stream.close()
+            raise
+        if image is not None:
+            stream.close()
+            return image
     hdul = None
     try:
         stream.seek(0)
@@ -331,9 +335,25 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _open_plain(path: str, stream) -> OpenImage | None:
+#: How much of a file's start :func:`open_image` reads at first: enough for the header
+#: of nearly every image (8 blocks, 288 cards); longer ones are read again in full.
+HEAD_BYTES = 8 * 2880
+
+
+def _plain_or_none(path: str, stream, size: int) -> OpenImage | None:
+    """:func:`_open_plain`, with None for every problem except an unusable keyword."""
+    try:
+        return _open_plain(path, stream, size)
+    except ImageError:  # the header was read; one of its keywords is unusable
+        raise
+    except (NotSimple, OSError, ValueError, OverflowError):
+        return None  # astropy decides (and words any error)
+
+
+def _open_plain(path: str, stream, size: int) -> OpenImage | None:
     """Open a plain FITS file with a standard primary image header, without astropy.
 
+    ``stream`` is positioned at the file's start and ``size`` is the file's size.
     Returns None (and so does every problem, as an exception the caller catches) for
     anything else: the file then goes through astropy.
     """
@@ -349,7 +369,7 @@ def _open_plain(path: str, stream) -> OpenImage | None:
     if header.get("GCOUNT", 1) != 1 or header.get("PCOUNT", 0) != 0 or header.get("GROUPS", False):
         return None
     dtype = np.dtype(_BITPIX_DTYPES[bitpix])
-    if os.fstat(stream.fileno()).st_size < offset + dtype.itemsize * math.prod(axes):  # type: ignore[arg-type]
+    if size < offset + dtype.itemsize * math.prod(axes):  # type: ignore[arg-type]
         return None  # truncated: astropy's path words it
     geometry = _geometry(header, path, axes[0], axes[1])  # type: ignore[arg-type]
     scale, zero = header_scaling(header, path)
@@ -636,7 +656,12 @@ class ImageReader:
     def __init__(self, max_open: int = 16) -> None:
         self.max_open = max_open
         self._open: OrderedDict[str, tuple[object, OpenImage | ImageError]] = OrderedDict()
-        self._lock = threading.RLock()  # one reader may serve several worker threads
+        # One reader serves all the worker threads of a process. Looking an image up
+        # takes no lock (each dict operation is atomic under the GIL), and files are
+        # opened outside the lock, which guards only the changes to the cache: a thread
+        # waiting for a lock its holder cannot release without the GIL, which the
+        # waiter needs back in turn, made two threads slower than one on small images.
+        self._lock = threading.Lock()
         _LIVE_READERS.add(self)
 
     def get(self, path: str) -> OpenImage:
@@ -647,33 +672,41 @@ class ImageReader:
         ImageError
         """
         signature = _signature(path)
-        with self._lock:
-            item = self._get(path, signature)
+        entry = self._open.get(path)
+        if entry is not None and entry[0] == signature:
+            try:
+                self._open.move_to_end(path)
+            except KeyError:  # evicted by another thread just now: still usable here
+                pass
+            item = entry[1]
+        else:
+            try:
+                opened: OpenImage | ImageError = open_image(path)
+            except ImageError as error:
+                opened = error
+            with self._lock:
+                entry = self._open.get(path)
+                if entry is not None and entry[0] == signature:  # another thread was quicker
+                    item = entry[1]
+                else:
+                    if entry is not None:
+                        self._drop(path)
+                    self._open[path] = (signature, opened)
+                    item = opened
+                    while len(self._open) > self.max_open:
+                        _, (_, evicted) = self._open.popitem(last=False)
+                        if isinstance(evicted, OpenImage):
+                            evicted.close()
+            if item is not opened and isinstance(opened, OpenImage):
+                opened.close()
         if isinstance(item, ImageError):
             raise item
         return item
 
-    def _get(self, path: str, signature: object) -> OpenImage | ImageError:
-        entry = self._open.get(path)
-        if entry is not None and entry[0] == signature:
-            self._open.move_to_end(path)
-            item = entry[1]
-        else:
-            if entry is not None:
-                self._drop(path)
-            try:
-                item = open_image(path)
-            except ImageError as error:
-                item = error
-            self._open[path] = (signature, item)
-            while len(self._open) > self.max_open:
-                self._drop(next(iter(self._open)))
-        return item
-
     def _drop(self, path: str) -> None:
-        _, item = self._open.pop(path)
-        if isinstance(item, OpenImage):
-            item.close()
+        entry = self._open.pop(path, None)
+        if entry is not None and isinstance(entry[1], OpenImage):
+            entry[1].close()
 
     def close(self) -> None:
         """Close every open file."""

@@ -154,6 +154,33 @@ def test_reader_keeps_files_open_and_evicts_least_recently_used(tmp_path: Path) 
         assert reader.get(str(paths[0])) is not first
 
 
+def test_reader_serves_threads_at_once(tmp_path: Path) -> None:
+    """Lookups take no lock and files are opened outside the lock: threads sharing one
+    reader, with a cache much smaller than the files they cycle through (constant
+    eviction), always get the image they asked for, readable."""
+    import threading
+
+    paths = [str(write_hdu(image_hdu(np.full((30, 40), float(k)), wcs_header(k, 0), "f4"),
+                           tmp_path / f"{k}.fits")) for k in range(12)]
+    failures: list[str] = []
+
+    def work(seed: int) -> None:
+        order = np.random.default_rng(seed).integers(0, len(paths), 400)
+        for k in order:
+            image = reader.get(paths[k])
+            if image.path != paths[k] or read_window(image, ROWS, COLS)[0, 0] != float(k):
+                failures.append(f"{paths[k]} gave {image.path}")
+
+    with ImageReader(max_open=3) as reader:
+        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(reader._open) <= 3
+    assert not failures, failures[:3]
+
+
 def test_reader_reopens_a_file_that_changed(tmp_path: Path) -> None:
     path = tmp_path / "c.fits"
     with ImageReader() as reader:
@@ -413,7 +440,7 @@ def test_plain_files_open_without_astropy_exactly_as_with_it(tmp_path: Path, fmt
     direct = open_image(path)
     assert direct.hdul is None  # not opened through astropy
     direct_window = read_window(direct, ROWS, COLS)
-    monkeypatch.setattr(diffit.fitsio, "_open_plain", lambda path, stream: None)
+    monkeypatch.setattr(diffit.fitsio, "_open_plain", lambda path, stream, size: None)
     through_astropy = open_image(path)
     assert through_astropy.hdul is not None
     for name in ("geometry", "ndim", "scale", "zero", "blank"):
@@ -421,6 +448,25 @@ def test_plain_files_open_without_astropy_exactly_as_with_it(tmp_path: Path, fmt
     np.testing.assert_array_equal(direct_window, read_window(through_astropy, ROWS, COLS))
     assert read_window(through_astropy, ROWS, COLS).dtype == direct_window.dtype
     through_astropy.close()
+
+
+@pytest.mark.parametrize("n_comments", [0, 200, 400])
+def test_headers_longer_than_the_first_read_open_without_astropy(tmp_path: Path,
+                                                                  n_comments: int) -> None:
+    """open_image reads HEAD_BYTES first; a longer header is read again in full, still
+    without astropy, with the same geometry, scaling and pixels."""
+    data = _physical(np.random.default_rng(10))
+    hdu = image_hdu(data, wcs_header(1.5, -2), "f8")
+    for k in range(n_comments):
+        hdu.header.add_comment(f"card {k}")
+    path = str(write_hdu(hdu, tmp_path / "long.fits"))
+    header_bytes = len(hdu.header.tostring())
+    assert (header_bytes > diffit.fitsio.HEAD_BYTES) == (n_comments == 400)
+    image = open_image(path)
+    assert image.hdul is None and image.stream is None
+    with fits.open(path) as reference:
+        assert image.geometry.crpix1 == reference[0].header["CRPIX1"]
+    np.testing.assert_array_equal(read_window(image, ROWS, COLS), data[ROWS, COLS])
 
 
 @pytest.mark.parametrize("fmt", ["f4", "i2", "cube-i2"])

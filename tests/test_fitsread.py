@@ -154,3 +154,52 @@ def test_signature_is_what_os_stat_gives(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", ["", "no/such/file", "nul\0byte", 12.5, None])
 def test_signature_of_what_cannot_be_stat_ed_is_none(bad) -> None:
     assert _fitsread.signature(bad) is None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_small_and_large_windows_read_alike_with_or_without_the_gil(tmp_path: Path, case) -> None:
+    """The GIL is kept for small windows (NOGIL_MIN_BYTES): either way, the same bits."""
+    bitpix, raw, (row0, row1, col0, col1), scale, zero, blank = case
+    path = tmp_path / "image.fits"
+    size = write_raw(path, raw, offset=2880, tail=3)
+    args = (str(path), 2880, bitpix, raw.shape[1], size, row0, row1, col0, col1, scale, zero, blank)
+    saved = _fitsread.NOGIL_MIN_BYTES
+    try:
+        _fitsread.NOGIL_MIN_BYTES = 0  # always released
+        released = _fitsread.read_window(*args)
+        _fitsread.NOGIL_MIN_BYTES = 1 << 62  # always kept
+        kept = _fitsread.read_window(*args)
+    finally:
+        _fitsread.NOGIL_MIN_BYTES = saved
+    assert released.dtype == kept.dtype and released.tobytes() == kept.tobytes()
+
+
+def test_read_head_gives_the_start_size_and_kind(tmp_path: Path) -> None:
+    path = tmp_path / "h.fits"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes
+    assert _fitsread.read_head(str(path), 100) == ("file", 10240, bytes(range(100)))
+    assert _fitsread.read_head(str(path), 20000) == ("file", 10240, path.read_bytes())
+    assert _fitsread.read_head(str(path), 0) == ("file", 10240, b"")
+    (tmp_path / "empty.fits").write_bytes(b"")
+    assert _fitsread.read_head(str(tmp_path / "empty.fits"), 2880) == ("file", 0, b"")
+    assert _fitsread.read_head(str(tmp_path), 2880) == ("directory", 0, b"")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_read_head_does_not_open_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.fits"
+    os.mkfifo(fifo)
+    assert _fitsread.read_head(str(fifo), 2880) == ("other", 0, b"")  # returns: never blocks
+
+
+def test_read_head_errors(tmp_path: Path) -> None:
+    missing = str(tmp_path / "gone.fits")
+    with pytest.raises(FileNotFoundError) as error:
+        _fitsread.read_head(missing, 2880)
+    assert error.value.filename == missing
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        _fitsread.read_head(str(tmp_path / "file" / "below.fits"), 2880)
+    with pytest.raises(ValueError):
+        _fitsread.read_head(str(tmp_path / "nul\0.fits"), 2880)

@@ -303,6 +303,26 @@ def test_good_pair_is_fitted(tmp_path: Path) -> None:
     assert outcome.fit.npixel > 100 and 0.2 < outcome.fit.rms < 0.7  # noise 0.3 per image
 
 
+@pytest.mark.parametrize("fmt", ["f4", "f8", "i2"])
+def test_kernels_give_the_same_fit_with_or_without_the_gil(tmp_path: Path, monkeypatch,
+                                                          fmt: str) -> None:
+    """Small inputs keep the GIL (each kernel's NOGIL_MIN_*), large ones release it: the
+    same pairs give the same rows and pixels whichever way every kernel runs."""
+    from diffit import _boundingbox, _difference, _fitplane, _fitsread
+
+    survey = make_survey(tmp_path, fmt)
+    thresholds = [(_fitsread, "NOGIL_MIN_BYTES"), (_difference, "NOGIL_MIN_PIXELS"),
+                  (_fitplane, "NOGIL_MIN_PIXELS"), (_boundingbox, "NOGIL_MIN_PIXELS"),
+                  (_boundingbox, "NOGIL_MIN_ROWS")]
+    results = {}
+    for way, value in (("released", 0), ("kept", 1 << 62)):
+        for module, name in thresholds:
+            monkeypatch.setattr(module, name, value)
+        results[way] = [outcome_for(survey, a, b) for a, b in survey.pairs()]
+    assert [o.row for o in results["released"]] == [o.row for o in results["kept"]]
+    assert all(o.stage == "ok" for o in results["kept"])
+
+
 @pytest.mark.parametrize("which", ["flux", "area"])
 def test_missing_file(tmp_path: Path, which: str) -> None:
     survey = make_survey(tmp_path)
