@@ -640,6 +640,11 @@ def file_exists(path: str) -> bool:
 _LIVE_READERS: "weakref.WeakSet[ImageReader]" = weakref.WeakSet()
 
 
+def _close_item(item: object) -> None:
+    if isinstance(item, OpenImage):
+        item.close()
+
+
 class ImageReader:
     """Opens images on demand and keeps the most recently used ones open.
 
@@ -656,12 +661,11 @@ class ImageReader:
     def __init__(self, max_open: int = 16) -> None:
         self.max_open = max_open
         self._open: OrderedDict[str, tuple[object, OpenImage | ImageError]] = OrderedDict()
-        # One reader serves all the worker threads of a process. Looking an image up
-        # takes no lock (each dict operation is atomic under the GIL), and files are
-        # opened outside the lock, which guards only the changes to the cache: a thread
-        # waiting for a lock its holder cannot release without the GIL, which the
-        # waiter needs back in turn, made two threads slower than one on small images.
-        self._lock = threading.Lock()
+        # One reader serves all the worker threads of a process, without a lock: each
+        # operation on the cache (get, setdefault, move_to_end, popitem) is a single
+        # atomic step, and files are opened outside them. With a lock, a thread waiting
+        # for it while its holder waited for the GIL formed a convoy that made two
+        # threads slower than one on small images.
         _LIVE_READERS.add(self)
 
     def get(self, path: str) -> OpenImage:
@@ -673,46 +677,50 @@ class ImageReader:
         """
         signature = _signature(path)
         entry = self._open.get(path)
-        if entry is not None and entry[0] == signature:
+        if entry is None or entry[0] != signature:
+            entry = self._insert(path, signature)
+        else:
             try:
                 self._open.move_to_end(path)
             except KeyError:  # evicted by another thread just now: still usable here
                 pass
-            item = entry[1]
-        else:
-            try:
-                opened: OpenImage | ImageError = open_image(path)
-            except ImageError as error:
-                opened = error
-            with self._lock:
-                entry = self._open.get(path)
-                if entry is not None and entry[0] == signature:  # another thread was quicker
-                    item = entry[1]
-                else:
-                    if entry is not None:
-                        self._drop(path)
-                    self._open[path] = (signature, opened)
-                    item = opened
-                    while len(self._open) > self.max_open:
-                        _, (_, evicted) = self._open.popitem(last=False)
-                        if isinstance(evicted, OpenImage):
-                            evicted.close()
-            if item is not opened and isinstance(opened, OpenImage):
-                opened.close()
+        item = entry[1]
         if isinstance(item, ImageError):
             raise item
         return item
 
+    def _insert(self, path: str, signature: object) -> tuple[object, OpenImage | ImageError]:
+        """Open ``path`` and cache it (or what another thread cached meanwhile), closing
+        a stale entry and the least recently used beyond ``max_open``."""
+        try:
+            opened: OpenImage | ImageError = open_image(path)
+        except ImageError as error:
+            opened = error
+        entry = (signature, opened)
+        current = self._open.setdefault(path, entry)
+        if current is not entry:
+            if current[0] == signature:  # another thread opened the same file meanwhile
+                _close_item(opened)
+                return current
+            self._open[path] = entry  # the file changed since that entry was made
+            _close_item(current[1])
+        while len(self._open) > self.max_open:
+            try:
+                _, (_, evicted) = self._open.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
+            _close_item(evicted)
+        return entry
+
     def _drop(self, path: str) -> None:
         entry = self._open.pop(path, None)
-        if entry is not None and isinstance(entry[1], OpenImage):
-            entry[1].close()
+        if entry is not None:
+            _close_item(entry[1])
 
     def close(self) -> None:
         """Close every open file."""
-        with self._lock:
-            for path in list(self._open):
-                self._drop(path)
+        for path in list(self._open):
+            self._drop(path)
 
     def __enter__(self) -> "ImageReader":
         return self
