@@ -75,7 +75,8 @@ cdef extern from *:
     #else
         struct stat info;
         /* O_NONBLOCK: a FIFO put in the file's place must not hang the worker. */
-        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+        int fd;
+        do { fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); } while (fd < 0 && errno == EINTR);
         if (fd < 0) return errno;
         if (fstat(fd, &info) != 0) { status = errno; goto finish; }
         if (!S_ISREG(info.st_mode)) { status = EINVAL; goto finish; }
@@ -163,6 +164,12 @@ cdef extern from *:
     #ifdef _WIN32
     #include <fcntl.h>
     #include <io.h>
+    #ifndef S_ISDIR
+    #define S_ISDIR(m) (((m) & _S_IFMT) == _S_IFDIR)
+    #endif
+    #ifndef S_ISREG
+    #define S_ISREG(m) (((m) & _S_IFMT) == _S_IFREG)
+    #endif
     #else
     #include <fcntl.h>
     #include <unistd.h>
@@ -186,7 +193,7 @@ cdef extern from *:
     #ifdef _WIN32
         if (_stati64(path, &info) != 0) return errno;
     #else
-        if (stat(path, &info) != 0) return errno;
+        while (stat(path, &info) != 0) { if (errno != EINTR) return errno; }
     #endif
         if (S_ISDIR(info.st_mode)) { *kind = 1; return 0; }
         if (!S_ISREG(info.st_mode)) { *kind = 2; return 0; }
@@ -208,7 +215,7 @@ cdef extern from *:
         _close(fd);
     #else
         /* O_NONBLOCK: a FIFO put in the file's place since the stat must not hang. */
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+        do { fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); } while (fd < 0 && errno == EINTR);
         if (fd < 0) return errno;
         if (fstat(fd, &info) != 0) { status = errno; goto finish; }
         if (!S_ISREG(info.st_mode)) { *kind = S_ISDIR(info.st_mode) ? 1 : 2; goto finish; }

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import re
+import stat
 import threading
 import warnings
 import weakref
@@ -134,17 +135,28 @@ class OpenImage:
     tiled: bool = False
 
     def close(self) -> None:
-        """Close the file (and drop the memory map)."""
+        """Close the file now (it is also closed once the image is no longer used)."""
         self.whole = None
         if self.hdul is None and self.stream is None:  # read without astropy: nothing open
             return
-        with quiet_astropy():
-            for closable in (self.hdul, self.stream):
-                try:
-                    if closable is not None:
-                        closable.close()
-                except Exception:  # pragma: no cover - closing a broken file
-                    pass
+        _close_handles(self.hdul, self.stream)
+
+    def close_when_unused(self) -> None:
+        """Close the file when the last reference to this image goes, not before: the
+        cache drops images that other threads may still be reading."""
+        if self.hdul is not None or self.stream is not None:
+            weakref.finalize(self, _close_handles, self.hdul, self.stream)
+
+
+def _close_handles(*closables: object) -> None:
+    """Close astropy's HDU list and our stream, quietly."""
+    with quiet_astropy():
+        for closable in closables:
+            try:
+                if closable is not None:
+                    closable.close()  # type: ignore[attr-defined]
+            except Exception:  # pragma: no cover - closing a broken file
+                pass
 
 
 #: How many HDUs to look through for the image (the primary array, or the first image
@@ -286,12 +298,9 @@ def open_image(path: str) -> OpenImage:
     image = _plain_or_none(path, io.BytesIO(head), size)
     if image is not None:
         return image
-    try:
-        # Our own file object: astropy leaves a file it opened itself open when it then
-        # fails to parse it; this one is closed on every failure.
-        stream = open(path, "rb")  # noqa: SIM115 - kept open with the image
-    except OSError as error:
-        raise ImageError(f"{path}: cannot be opened ({error.strerror or _describe(error)})") from None
+    # Our own file object: astropy leaves a file it opened itself open when it then
+    # fails to parse it; this one is closed on every failure.
+    stream = _open_regular(path)
     if len(head) == HEAD_BYTES:  # a header longer than that, or a changed file: read it all
         try:
             image = _plain_or_none(path, stream, os.fstat(stream.fileno()).st_size)
@@ -316,7 +325,8 @@ def open_image(path: str) -> OpenImage:
             image.whole = _plane(image, image.hdu.data)
             with quiet_astropy():
                 hdul.close()
-            image.hdu = image.stream = None
+            image.hdu = image.stream = image.hdul = None
+        image.close_when_unused()
         return image
     except Exception as error:  # astropy raises OSError, ValueError, TypeError, EOFError, ...
         with quiet_astropy():
@@ -329,6 +339,23 @@ def open_image(path: str) -> OpenImage:
         if isinstance(error, ImageError):
             raise
         raise ImageError(f"{path}: not a readable FITS file ({_describe(error)})") from None
+
+
+def _open_regular(path: str) -> io.BufferedReader:
+    """A binary file object of a regular file (non-blocking open: a FIFO put in the
+    file's place since it was looked at must not hang the worker)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as error:
+        raise ImageError(f"{path}: cannot be opened ({error.strerror or _describe(error)})") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        raise ImageError(f"{path}: not a regular file (a pipe, device or socket)")
+    return open(fd, "rb", closefd=True)  # noqa: SIM115 - kept open with the image
 
 
 def _positive_int(value: object) -> bool:
@@ -665,7 +692,10 @@ class ImageReader:
         # operation on the cache (get, setdefault, move_to_end, popitem) is a single
         # atomic step, and files are opened outside them. With a lock, a thread waiting
         # for it while its holder waited for the GIL formed a convoy that made two
-        # threads slower than one on small images.
+        # threads slower than one on small images. Images dropped from the cache are
+        # not closed (another thread may be reading one): each closes its file when no
+        # longer used (OpenImage.close_when_unused).
+        self._opening: dict[str, threading.Event] = {}
         _LIVE_READERS.add(self)
 
     def get(self, path: str) -> OpenImage:
@@ -682,34 +712,42 @@ class ImageReader:
         else:
             try:
                 self._open.move_to_end(path)
-            except KeyError:  # evicted by another thread just now: still usable here
+            except KeyError:  # dropped by another thread just now: still usable here
                 pass
         item = entry[1]
         if isinstance(item, ImageError):
-            raise item
+            raise item.with_traceback(None)  # one cached error: its traceback must not grow
         return item
 
     def _insert(self, path: str, signature: object) -> tuple[object, OpenImage | ImageError]:
-        """Open ``path`` and cache it (or what another thread cached meanwhile), closing
-        a stale entry and the least recently used beyond ``max_open``."""
+        """Open ``path`` and cache it, unless another thread is opening it: then wait for
+        that (one decompression of a compressed image, not one per thread)."""
+        opening = threading.Event()
+        other = self._opening.setdefault(path, opening)
+        if other is not opening:
+            other.wait()
+            entry = self._open.get(path)
+            if entry is not None and entry[0] == signature:
+                return entry
+            return self._open_and_cache(path, signature)  # it changed meanwhile: rare
+        try:
+            return self._open_and_cache(path, signature)
+        finally:
+            self._opening.pop(path, None)
+            opening.set()
+
+    def _open_and_cache(self, path: str, signature: object) -> tuple[object, OpenImage | ImageError]:
         try:
             opened: OpenImage | ImageError = open_image(path)
         except ImageError as error:
             opened = error
         entry = (signature, opened)
-        current = self._open.setdefault(path, entry)
-        if current is not entry:
-            if current[0] == signature:  # another thread opened the same file meanwhile
-                _close_item(opened)
-                return current
-            self._open[path] = entry  # the file changed since that entry was made
-            _close_item(current[1])
+        self._open[path] = entry  # replaces a stale entry, if any
         while len(self._open) > self.max_open:
             try:
-                _, (_, evicted) = self._open.popitem(last=False)
+                self._open.popitem(last=False)
             except KeyError:  # emptied by another thread
                 break
-            _close_item(evicted)
         return entry
 
     def _drop(self, path: str) -> None:

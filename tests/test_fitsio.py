@@ -4,6 +4,8 @@ files becoming one-line :class:`ImageError` reasons without tracebacks or warnin
 from __future__ import annotations
 
 import functools
+import sys
+import traceback
 import os
 import gzip
 import tempfile
@@ -142,16 +144,42 @@ def test_compression_is_recognised_by_content_not_name(tmp_path: Path) -> None:
         np.testing.assert_array_equal(_window(tmp_path / name), data[ROWS, COLS])
 
 
-def test_reader_keeps_files_open_and_evicts_least_recently_used(tmp_path: Path) -> None:
-    paths = [write_hdu(image_hdu(np.ones((30, 40)), wcs_header(0, 0), "f4"), tmp_path / f"{k}.fits")
-             for k in range(3)]
+@pytest.mark.parametrize("suffix", [".fits", ".fits.gz", ".fits.fz"])
+def test_reader_keeps_files_open_and_evicts_least_recently_used(tmp_path: Path,
+                                                                suffix: str) -> None:
+    """Evicted images leave the cache but stay readable while still in use (another
+    thread may be reading one); their files close once they are no longer used."""
+    import gc
+
+    data = np.arange(1200.0).reshape(30, 40)
+    paths = [str(_write_kind(data, tmp_path / f"{k}{suffix}")) for k in range(3)]
     with ImageReader(max_open=2) as reader:
-        first = reader.get(str(paths[0]))
-        assert reader.get(str(paths[0])) is first
-        reader.get(str(paths[1]))
-        reader.get(str(paths[2]))
-        assert first.hdul is None or first.hdul._file is None or first.hdul._file.closed
-        assert reader.get(str(paths[0])) is not first
+        first = reader.get(paths[0])
+        assert reader.get(paths[0]) is first
+        reader.get(paths[1])
+        reader.get(paths[2])  # evicts the first
+        assert paths[0] not in reader._open
+        np.testing.assert_array_equal(read_window(first, ROWS, COLS), data[ROWS, COLS])
+        hdul = first.hdul
+        assert reader.get(paths[0]) is not first
+        del first
+        gc.collect()
+        assert hdul is None or hdul._file is None or hdul._file.closed
+
+
+def _write_kind(data: np.ndarray, path: Path) -> Path:
+    """``data`` as a plain, gzip or tile-compressed (lossless) FITS image."""
+    header = wcs_header(0, 0)
+    if path.name.endswith(".fits.fz"):
+        fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, header, compression_type="GZIP_2",
+                                                            quantize_level=0)]).writeto(path)
+        return path
+    plain = write_hdu(image_hdu(data, header, "f8"), path.with_name("plain-" + path.name.split(".")[0] + ".fits"))
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(plain.read_bytes()))
+    else:
+        plain.rename(path)
+    return path
 
 
 def test_reader_serves_threads_at_once(tmp_path: Path) -> None:
@@ -160,24 +188,34 @@ def test_reader_serves_threads_at_once(tmp_path: Path) -> None:
     eviction), always get the image they asked for, readable."""
     import threading
 
-    paths = [str(write_hdu(image_hdu(np.full((30, 40), float(k)), wcs_header(k, 0), "f4"),
-                           tmp_path / f"{k}.fits")) for k in range(12)]
+    # plain files, and compressed ones, whose images hold open astropy objects
+    paths = [str(_write_kind(np.full((30, 40), float(k)),
+                             tmp_path / f"{k}{('.fits', '.fits.gz', '.fits.fz')[k % 3]}"))
+             for k in range(12)]
     failures: list[str] = []
 
     def work(seed: int) -> None:
-        order = np.random.default_rng(seed).integers(0, len(paths), 400)
+        order = np.random.default_rng(seed).integers(0, len(paths), 300)
         for k in order:
-            image = reader.get(paths[k])
-            if image.path != paths[k] or read_window(image, ROWS, COLS)[0, 0] != float(k):
-                failures.append(f"{paths[k]} gave {image.path}")
+            try:
+                image = reader.get(paths[k])
+                if image.path != paths[k] or read_window(image, ROWS, COLS)[0, 0] != float(k):
+                    failures.append(f"{paths[k]} gave {image.path}")
+            except Exception as error:  # noqa: BLE001 - reported below
+                failures.append(f"{paths[k]}: {error}")
 
-    with ImageReader(max_open=3) as reader:
-        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert len(reader._open) <= 3
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave between almost any two steps
+    try:
+        with ImageReader(max_open=3) as reader:
+            threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert len(reader._open) <= 3
+    finally:
+        sys.setswitchinterval(switch)
     assert not failures, failures[:3]
 
 
@@ -198,9 +236,42 @@ def test_reader_caches_errors(tmp_path: Path) -> None:
     with ImageReader() as reader:
         with pytest.raises(ImageError) as first:
             reader.get(str(tmp_path / "bad.fits"))
-        with pytest.raises(ImageError) as second:
-            reader.get(str(tmp_path / "bad.fits"))
-        assert first.value is second.value
+        depth = len(traceback.extract_tb(first.value.__traceback__))
+        for _ in range(5):
+            with pytest.raises(ImageError) as again:
+                reader.get(str(tmp_path / "bad.fits"))
+        assert first.value is again.value
+        # re-raised from scratch each time: its traceback (and the frames it would keep
+        # alive) does not grow with every pair that names the bad file
+        assert len(traceback.extract_tb(again.value.__traceback__)) == depth
+
+
+def test_reader_opens_a_file_once_for_threads_that_ask_at_once(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """A second thread asking for an image being opened waits for that open (a large
+    compressed image is decompressed once, not once per thread)."""
+    import threading
+    import time
+
+    path = str(_write_kind(np.ones((30, 40)), tmp_path / "slow.fits.gz"))
+    calls = []
+    real_open = diffit.fitsio.open_image
+
+    def slow_open(name: str):
+        calls.append(name)
+        time.sleep(0.2)
+        return real_open(name)
+
+    monkeypatch.setattr(diffit.fitsio, "open_image", slow_open)
+    got = []
+    with ImageReader() as reader:
+        threads = [threading.Thread(target=lambda: got.append(reader.get(path))) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert calls == [path]
+    assert len(got) == 3 and got[0] is got[1] is got[2]
 
 
 # --------------------------------------------------------------------------------------
