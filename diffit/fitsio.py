@@ -368,11 +368,10 @@ HEAD_BYTES = 8 * 2880
 
 
 def _plain_or_none(path: str, stream, size: int) -> OpenImage | None:
-    """:func:`_open_plain`, with None for every problem except an unusable keyword."""
+    """:func:`_open_plain`, with None for every problem except an unusable keyword
+    (an ImageError, raised)."""
     try:
         return _open_plain(path, stream, size)
-    except ImageError:  # the header was read; one of its keywords is unusable
-        raise
     except (NotSimple, OSError, ValueError, OverflowError):
         return None  # astropy decides (and words any error)
 
@@ -667,10 +666,6 @@ def file_exists(path: str) -> bool:
 _LIVE_READERS: "weakref.WeakSet[ImageReader]" = weakref.WeakSet()
 
 
-def _close_item(item: object) -> None:
-    if isinstance(item, OpenImage):
-        item.close()
-
 
 class ImageReader:
     """Opens images on demand and keeps the most recently used ones open.
@@ -750,15 +745,12 @@ class ImageReader:
                 break
         return entry
 
-    def _drop(self, path: str) -> None:
-        entry = self._open.pop(path, None)
-        if entry is not None:
-            _close_item(entry[1])
-
     def close(self) -> None:
-        """Close every open file."""
+        """Close every open file (at the end of a run: no thread reads them any more)."""
         for path in list(self._open):
-            self._drop(path)
+            entry = self._open.pop(path, None)
+            if entry is not None and isinstance(entry[1], OpenImage):
+                entry[1].close()
 
     def __enter__(self) -> "ImageReader":
         return self

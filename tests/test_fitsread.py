@@ -90,17 +90,21 @@ def cases(draw):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases())
-def test_windows_convert_as_numpy_does(tmp_path: Path, case) -> None:
+def test_windows_convert_as_numpy_does(tmp_path: Path, case, monkeypatch) -> None:
+    """Bit for bit, with the GIL released and with it kept (small windows keep it,
+    NOGIL_MIN_BYTES)."""
     bitpix, raw, (row0, row1, col0, col1), scale, zero, blank = case
     path = tmp_path / "image.fits"
     size = write_raw(path, raw, offset=2880, tail=17)
-    got = _fitsread.read_window(str(path), 2880, bitpix, raw.shape[1], size,
-                                row0, row1, col0, col1, scale, zero, blank)
     want = reference(raw, scale, zero, blank)[row0:row1, col0:col1]
-    assert got.dtype == want.dtype and got.dtype.isnative
-    assert got.shape == want.shape
-    # bit for bit, NaN payloads and signed zeros included
-    assert got.tobytes() == want.tobytes()
+    for threshold in (0, 1 << 62):  # always released, always kept
+        monkeypatch.setattr(_fitsread, "NOGIL_MIN_BYTES", threshold)
+        got = _fitsread.read_window(str(path), 2880, bitpix, raw.shape[1], size,
+                                    row0, row1, col0, col1, scale, zero, blank)
+        assert got.dtype == want.dtype and got.dtype.isnative
+        assert got.shape == want.shape
+        # bit for bit, NaN payloads and signed zeros included
+        assert got.tobytes() == want.tobytes()
 
 
 def test_window_of_a_later_row_band(tmp_path: Path) -> None:
@@ -154,25 +158,6 @@ def test_signature_is_what_os_stat_gives(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", ["", "no/such/file", "nul\0byte", 12.5, None])
 def test_signature_of_what_cannot_be_stat_ed_is_none(bad) -> None:
     assert _fitsread.signature(bad) is None
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=cases())
-def test_small_and_large_windows_read_alike_with_or_without_the_gil(tmp_path: Path, case) -> None:
-    """The GIL is kept for small windows (NOGIL_MIN_BYTES): either way, the same bits."""
-    bitpix, raw, (row0, row1, col0, col1), scale, zero, blank = case
-    path = tmp_path / "image.fits"
-    size = write_raw(path, raw, offset=2880, tail=3)
-    args = (str(path), 2880, bitpix, raw.shape[1], size, row0, row1, col0, col1, scale, zero, blank)
-    saved = _fitsread.NOGIL_MIN_BYTES
-    try:
-        _fitsread.NOGIL_MIN_BYTES = 0  # always released
-        released = _fitsread.read_window(*args)
-        _fitsread.NOGIL_MIN_BYTES = 1 << 62  # always kept
-        kept = _fitsread.read_window(*args)
-    finally:
-        _fitsread.NOGIL_MIN_BYTES = saved
-    assert released.dtype == kept.dtype and released.tobytes() == kept.tobytes()
 
 
 def test_read_head_gives_the_start_size_and_kind(tmp_path: Path) -> None:
