@@ -43,7 +43,8 @@ def mDiffFitExec(  # noqa: N802 - Montage's name
     debug : int, optional
         Print one line per pair (what was done and why a pair failed).
     jobs : int, optional
-        Workers (default: all cores). Keyword only; not in MontagePy.
+        Workers (default: all cores, or one thread when the first pairs are small: see
+        :func:`diffit.run`). Keyword only; not in MontagePy.
 
     Returns
     -------

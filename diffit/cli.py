@@ -185,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--level-only", action="store_true", default=None, help="fit level only (-l)")
     p.add_argument("--no-areas", action="store_true", default=None,
                    help="images have no _area files (-n)")
-    p.add_argument("--jobs", "-j", type=int, help="workers (default: all cores)")
+    p.add_argument("--jobs", "-j", type=int,
+                   help="workers (default: all cores; one thread when the first pairs are small)")
     p.add_argument("--batch-size", type=int, help="pairs per worker task")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
@@ -200,7 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("directory", nargs="?", default="diffit-demo", help="where to put it")
     d.add_argument("--tiles", type=int, default=24, help="number of tiles")
     d.add_argument("--seed", type=int, default=1, help="random seed")
-    d.add_argument("--jobs", "-j", type=int, help="workers (default: all cores)")
+    d.add_argument("--jobs", "-j", type=int,
+                   help="workers (default: all cores; one thread when the first pairs are small)")
     d.add_argument("--no-progress", dest="progress", action="store_false", default=True)
 
     q = sub.add_parser("plot", help="QA picture of a fits.tbl")

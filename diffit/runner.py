@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from itertools import islice
+from itertools import chain, islice
 
 try:
     import fcntl
@@ -462,7 +462,9 @@ def run(
     keep_all, level_only, no_areas : bool
         Montage's ``-k``, ``-l`` and ``-n``.
     jobs : int, optional
-        Workers (default: all cores; 1 runs in this process).
+        Workers (1 runs in this process). By default all cores, except that a threads run
+        whose first pairs are small (under :data:`SMALL_PAIR_PIXELS` fitted pixels) goes
+        on in this process: worker threads cannot overlap such pairs' Python work.
     batch_size : int, optional
         Pairs per task (default: up to 64, shrinking towards the end of the table so
         that the workers finish together).
@@ -513,7 +515,8 @@ def run(
             raise RunError(f"Can't create diff folder {diffdir}: {error.strerror}") from None
     options = PairOptions(projdir=projdir, diffdir=diffdir, keep_all=keep_all,
                           level_only=level_only, no_areas=no_areas)
-    jobs = default_jobs() if not jobs or jobs < 0 else jobs
+    auto_jobs = not jobs or jobs < 0  # not chosen: all cores, or one for small pairs
+    jobs = default_jobs() if auto_jobs else jobs
     if backend not in BACKENDS:  # workers elsewhere (Dask) may start in another folder
         options = replace(options, projdir=os.path.abspath(projdir), diffdir=os.path.abspath(diffdir))
 
@@ -554,7 +557,8 @@ def run(
         todo = (pair for pair in iter_overlap_table(diffs) if pair.index not in done)
         batches = (_batches(todo, batch_size) if batch_size is not None
                    else _guided_batches(todo, total - len(done), jobs))
-        for outcomes in _execute(batches, parsed_template, options, jobs, backend, task):
+        for outcomes in _execute(batches, parsed_template, options, jobs, backend, task,
+                                 auto_jobs=auto_jobs):
             journal.append(outcomes)
             for outcome in outcomes:
                 _collect(outcome, writer, result, kept_names)
@@ -697,17 +701,57 @@ def _worker_death_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+#: With the number of workers left to diffit, a threads run whose first pairs fit fewer
+#: pixels than this (their median) goes on in one thread: such pairs are mostly Python
+#: work, which holds the GIL, so worker threads only take turns, and two were slower than
+#: one (README, "Small images"). Pairs twice this size already gain from a second thread.
+SMALL_PAIR_PIXELS = 4096
+#: How many fitted pairs that decision looks at (done in this thread before any worker
+#: starts: about 10 ms of one core on 512x1024 tiles).
+PROBE_PAIRS = 4
+
+
+def _probe(batches: Iterator[list[OverlapPair]], template: Template, options: PairOptions,
+           task: Callable[..., list[PairOutcome]]):
+    """Do the first pairs in this thread, until :data:`PROBE_PAIRS` of them are fitted
+    (or four times as many were tried); return the batches still to do and whether the
+    fitted pairs are small (see :data:`SMALL_PAIR_PIXELS`)."""
+    sizes: list[int] = []
+    tried = 0
+    for batch in batches:
+        while batch and len(sizes) < PROBE_PAIRS and tried < 4 * PROBE_PAIRS:
+            now, batch = batch[:PROBE_PAIRS - len(sizes)], batch[PROBE_PAIRS - len(sizes):]
+            outcomes = task(now, template, options)
+            yield outcomes
+            tried += len(now)
+            sizes += [outcome.fit.npixel for outcome in outcomes if outcome.fit is not None]
+        if batch:  # decided within this batch: its other pairs come first
+            batches = chain([batch], batches)
+            break
+        if len(sizes) >= PROBE_PAIRS or tried >= 4 * PROBE_PAIRS:
+            break
+    sizes.sort()
+    return batches, bool(sizes) and sizes[len(sizes) // 2] < SMALL_PAIR_PIXELS
+
+
 def _execute(batches: Iterator[list[OverlapPair]], template: Template, options: PairOptions,
              jobs: int, backend: str, task: Callable[..., list[PairOutcome]] | None = None,
-             ) -> Iterator[list[PairOutcome]]:
+             *, auto_jobs: bool = False) -> Iterator[list[PairOutcome]]:
     """Run batches in this process, on worker threads or processes, or on another backend.
 
     With worker processes, a worker that dies (killed, out of memory) does not end the
     run: the pairs it may have been working on are retried once, one at a time, and
-    reported as failed when their worker dies again.
+    reported as failed when their worker dies again. With ``auto_jobs`` (the number of
+    workers was not chosen) a threads run of small pairs stays in this thread.
     """
     task = task or process_batch
     if backend == "threads":
+        if jobs > 1 and auto_jobs:
+            batches, small = yield from _probe(batches, template, options, task)
+            if small:
+                log.info("small overlaps (under %d pixels): one worker thread is faster"
+                         " than %d; use --backend processes for several", SMALL_PAIR_PIXELS, jobs)
+                jobs = 1
         if jobs == 1:
             for batch in batches:
                 yield task(batch, template, options)

@@ -34,6 +34,64 @@ def test_parallel_equals_serial_and_rows_in_table_order(small_survey, tmp_path, 
     assert not list(tmp_path.glob(".*diffit-*")), "temporary files left behind"
 
 
+@pytest.mark.parametrize("threshold, chosen, parallel_expected", [
+    (10**9, None, False),  # small pairs, workers not chosen: one thread
+    (0, None, True),       # large pairs, workers not chosen: all cores
+    (10**9, 2, True),      # small pairs, two workers asked for: two
+])
+def test_default_workers_stay_in_one_thread_for_small_pairs(small_survey, tmp_path, monkeypatch,
+                                                            threshold, chosen,
+                                                            parallel_expected) -> None:
+    """With the number of workers left to diffit, a threads run whose first pairs are
+    small goes on in one thread (worker threads would only take turns at the GIL); an
+    explicit number is always honoured. The table is the same either way."""
+    monkeypatch.setattr(diffit.runner, "SMALL_PAIR_PIXELS", threshold)
+    monkeypatch.setattr(diffit.runner, "default_jobs", lambda: 2)
+    real_parallel = diffit.runner._parallel
+    used = []
+
+    def parallel(*args, **kwargs):
+        used.append(True)
+        return real_parallel(*args, **kwargs)
+
+    monkeypatch.setattr(diffit.runner, "_parallel", parallel)
+    result = _run(small_survey, tmp_path / "auto.tbl", jobs=chosen, keep_outcomes=True)
+    assert bool(used) == parallel_expected
+    _run(small_survey, tmp_path / "serial.tbl", jobs=1)
+    assert (tmp_path / "auto.tbl").read_bytes() == (tmp_path / "serial.tbl").read_bytes()
+    assert [o.index for o in result.outcomes] == list(range(small_survey.n_pairs))
+
+
+@pytest.mark.parametrize("sizes, fails", [([1, 1, 5, 3], set()), ([2, 7], {0, 1, 2}),
+                                          ([1] * 30, set(range(30))), ([3], set())])
+def test_probe_does_every_pair_once_in_table_order(sizes, fails) -> None:
+    """The pairs the probe does and the batches it hands on cover the table exactly."""
+    from types import SimpleNamespace
+
+    pairs = list(range(sum(sizes)))
+    batches, start = [], 0
+    for size in sizes:
+        batches.append(pairs[start:start + size])
+        start += size
+
+    def task(batch, template, options):
+        return [SimpleNamespace(index=k, fit=None if k in fails else SimpleNamespace(npixel=100))
+                for k in batch]
+
+    probe = diffit.runner._probe(iter(batches), None, None, task)
+    done = []
+    try:
+        while True:
+            done += [outcome.index for outcome in next(probe)]
+    except StopIteration as stop:
+        rest, small = stop.value
+    fitted = [k for k in done if k not in fails]
+    assert len(fitted) == min(diffit.runner.PROBE_PAIRS, len(pairs) - len(fails)) or \
+        len(done) >= 4 * diffit.runner.PROBE_PAIRS
+    assert small == bool(fitted)  # 100 fitted pixels: small
+    assert done + [k for batch in rest for k in batch] == pairs
+
+
 def test_progress_callable_sees_every_pair(small_survey, tmp_path) -> None:
     seen = []
     _run(small_survey, tmp_path / "f.tbl", jobs=1, progress=seen.append)
