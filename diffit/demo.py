@@ -25,7 +25,7 @@ def run_demo(directory: str | os.PathLike = "diffit-demo", *, tiles: int = 24, s
     seed : int
         Random seed of the generated sky.
     jobs : int, optional
-        Worker threads (default: all cores).
+        Worker threads (default: all cores, or one when the pairs are small).
     progress : bool
         Show a progress bar.
 
