@@ -45,6 +45,11 @@ def _workspace() -> Workspace:
     return workspace
 
 
+def release_workspace() -> None:
+    """Free this thread's workspace (a thread that will do no more pairs)."""
+    _LOCAL.__dict__.pop("workspace", None)
+
+
 @dataclass(frozen=True)
 class PairOptions:
     """Run-wide settings a worker needs for every pair."""

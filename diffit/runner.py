@@ -29,7 +29,7 @@ from diffit.allocator import keep_freed_memory
 from diffit.fitsio import ImageReader
 from diffit.outputs import AtomicOutput, destination, remove_stale_temporaries
 from diffit.headers import Template, read_template
-from diffit.pair import PairOptions, PairOutcome, diff_paths, process_pair
+from diffit.pair import PairOptions, PairOutcome, diff_paths, process_pair, release_workspace
 from diffit.tables import FITS_TBL_HEADER, OverlapPair, iter_overlap_table
 
 log = logging.getLogger(__name__)
@@ -749,9 +749,11 @@ def _execute(batches: Iterator[list[OverlapPair]], template: Template, options: 
         if jobs > 1 and auto_jobs:
             batches, small = yield from _probe(batches, template, options, task)
             if small:
-                log.info("small overlaps (under %d pixels): one worker thread is faster"
-                         " than %d; use --backend processes for several", SMALL_PAIR_PIXELS, jobs)
+                log.info("small overlaps (median fit under %d pixels): going on in one thread,"
+                         " faster than %d for such pairs", SMALL_PAIR_PIXELS, jobs)
                 jobs = 1
+            else:  # the workers do the rest: free what this thread's pairs allocated
+                release_workspace()
         if jobs == 1:
             for batch in batches:
                 yield task(batch, template, options)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import diffit.pair
 import diffit.runner
 
 from diffit.runner import Interrupted, RunError, process_batch, run
@@ -57,6 +58,8 @@ def test_default_workers_stay_in_one_thread_for_small_pairs(small_survey, tmp_pa
     monkeypatch.setattr(diffit.runner, "_parallel", parallel)
     result = _run(small_survey, tmp_path / "auto.tbl", jobs=chosen, keep_outcomes=True)
     assert bool(used) == parallel_expected
+    if chosen is None and parallel_expected:  # this thread's probe arrays were freed
+        assert getattr(diffit.pair._LOCAL, "workspace", None) is None
     _run(small_survey, tmp_path / "serial.tbl", jobs=1)
     assert (tmp_path / "auto.tbl").read_bytes() == (tmp_path / "serial.tbl").read_bytes()
     assert [o.index for o in result.outcomes] == list(range(small_survey.n_pairs))
