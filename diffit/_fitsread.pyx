@@ -33,11 +33,59 @@ cdef extern from *:
     #include <fcntl.h>
     #include <io.h>
     #include <sys/stat.h>
+    #ifndef S_ISDIR
+    #define S_ISDIR(m) (((m) & _S_IFMT) == _S_IFDIR)
+    #endif
+    #ifndef S_ISREG
+    #define S_ISREG(m) (((m) & _S_IFMT) == _S_IFREG)
+    #endif
     #else
     #include <fcntl.h>
     #include <sys/stat.h>
     #include <unistd.h>
     #endif
+
+    /* Open a file for reading (non-blocking: a FIFO put in a file's place must not hang
+       the worker). Returns the descriptor, or -1 with errno set. */
+    static int diffit_open(const char *path)
+    {
+    #ifdef _WIN32
+        return _open(path, _O_RDONLY | _O_BINARY);
+    #else
+        int fd;
+        do { fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); } while (fd < 0 && errno == EINTR);
+        return fd;
+    #endif
+    }
+
+    /* Read nbytes at offset into buffer, up to the end of the file: *done is the number of
+       bytes read (fewer than nbytes only at the end of the file). Returns 0 or an errno. */
+    static int diffit_read_full(int fd, char *buffer, long long nbytes, long long offset,
+                                long long *done)
+    {
+        *done = 0;
+    #ifdef _WIN32
+        if (_lseeki64(fd, offset, SEEK_SET) < 0) return errno;
+        while (*done < nbytes) {
+            long long part = nbytes - *done;
+            int got;
+            if (part > (1 << 30)) part = 1 << 30;
+            got = _read(fd, buffer + *done, (unsigned int)part);
+            if (got < 0) { if (errno == EINTR) continue; return errno; }
+            if (got == 0) break;
+            *done += got;
+        }
+    #else
+        while (*done < nbytes) {
+            ssize_t got = pread(fd, buffer + *done, (size_t)(nbytes - *done),
+                                (off_t)(offset + *done));
+            if (got < 0) { if (errno == EINTR) continue; return errno; }
+            if (got == 0) break;
+            *done += got;
+        }
+    #endif
+        return 0;
+    }
 
     /* Read nrows rows of row_bytes bytes, row_stride bytes apart from offset on, of a
        file at least min_size bytes long, into buffer (row after row). Rows that are
@@ -47,52 +95,70 @@ cdef extern from *:
                                 char *buffer, long long row_bytes, long long row_stride,
                                 long long nrows)
     {
-        long long chunk_bytes = row_bytes, nchunks = nrows, k;
+        long long chunk_bytes = row_bytes, nchunks = nrows, k, done;
         int status = 0;
-        if (row_stride == row_bytes) { chunk_bytes = row_bytes * nrows; nchunks = 1; }
     #ifdef _WIN32
         struct _stati64 info;
-        int fd = _open(path, _O_RDONLY | _O_BINARY);
-        if (fd < 0) return errno;
-        if (_fstati64(fd, &info) != 0) { status = errno; goto finish; }
-        if ((long long)info.st_size < min_size) { status = -1; goto finish; }
-        for (k = 0; k < nchunks; k++) {
-            char *target = buffer + k * chunk_bytes;
-            long long done = 0;
-            if (_lseeki64(fd, offset + k * row_stride, SEEK_SET) < 0) { status = errno; goto finish; }
-            while (done < chunk_bytes) {
-                long long part = chunk_bytes - done;
-                int got;
-                if (part > (1 << 30)) part = 1 << 30;
-                got = _read(fd, target + done, (unsigned int)part);
-                if (got < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
-                if (got == 0) { status = -1; goto finish; }
-                done += got;
-            }
-        }
-    finish:
-        _close(fd);
     #else
         struct stat info;
-        /* O_NONBLOCK: a FIFO put in the file's place must not hang the worker. */
-        int fd;
-        do { fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); } while (fd < 0 && errno == EINTR);
+    #endif
+        int fd = diffit_open(path);
+        if (row_stride == row_bytes) { chunk_bytes = row_bytes * nrows; nchunks = 1; }
         if (fd < 0) return errno;
+    #ifdef _WIN32
+        if (_fstati64(fd, &info) != 0) { status = errno; goto finish; }
+    #else
         if (fstat(fd, &info) != 0) { status = errno; goto finish; }
         if (!S_ISREG(info.st_mode)) { status = EINVAL; goto finish; }
+    #endif
         if ((long long)info.st_size < min_size) { status = -1; goto finish; }
         for (k = 0; k < nchunks; k++) {
-            char *target = buffer + k * chunk_bytes;
-            long long start = offset + k * row_stride, done = 0;
-            while (done < chunk_bytes) {
-                ssize_t got = pread(fd, target + done, (size_t)(chunk_bytes - done),
-                                    (off_t)(start + done));
-                if (got < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
-                if (got == 0) { status = -1; goto finish; }
-                done += got;
-            }
+            status = diffit_read_full(fd, buffer + k * chunk_bytes, chunk_bytes,
+                                      offset + k * row_stride, &done);
+            if (status != 0) goto finish;
+            if (done < chunk_bytes) { status = -1; goto finish; }
         }
     finish:
+    #ifdef _WIN32
+        _close(fd);
+    #else
+        close(fd);
+    #endif
+        return status;
+    }
+
+    /* The first max_bytes bytes of a regular file (fewer if it is shorter) and its size.
+       kind is 0 for a regular file, 1 for a directory and 2 for anything else (a FIFO,
+       device or socket: not opened, so that nothing blocks). Returns 0 or an errno. */
+    static int diffit_read_head(const char *path, char *buffer, long long max_bytes,
+                                long long *got, long long *size, int *kind)
+    {
+        int status = 0, fd;
+    #ifdef _WIN32
+        struct _stati64 info;
+        *got = 0; *size = 0; *kind = 0;
+        if (_stati64(path, &info) != 0) return errno;
+    #else
+        struct stat info;
+        *got = 0; *size = 0; *kind = 0;
+        while (stat(path, &info) != 0) { if (errno != EINTR) return errno; }
+    #endif
+        if (S_ISDIR(info.st_mode)) { *kind = 1; return 0; }
+        if (!S_ISREG(info.st_mode)) { *kind = 2; return 0; }
+        fd = diffit_open(path);  /* a FIFO put in the file's place since the stat: no hang */
+        if (fd < 0) return errno;
+    #ifdef _WIN32
+        if (_fstati64(fd, &info) != 0) { status = errno; goto finish; }
+    #else
+        if (fstat(fd, &info) != 0) { status = errno; goto finish; }
+    #endif
+        if (!S_ISREG(info.st_mode)) { *kind = S_ISDIR(info.st_mode) ? 1 : 2; goto finish; }
+        *size = (long long)info.st_size;
+        status = diffit_read_full(fd, buffer, max_bytes, 0, got);
+    finish:
+    #ifdef _WIN32
+        _close(fd);
+    #else
         close(fd);
     #endif
         return status;
@@ -101,6 +167,8 @@ cdef extern from *:
     int diffit_read_rows(const char *path, long long offset, long long min_size,
                          char *buffer, long long row_bytes, long long row_stride,
                          long long nrows) nogil
+    int diffit_read_head(const char *path, char *buffer, long long max_bytes,
+                         long long *got, long long *size, int *kind)
 
 
 cdef extern from *:
@@ -155,85 +223,6 @@ def signature(path):
     if diffit_stat(encoded, values) != 0:
         return None
     return (values[0], values[1], values[2], values[3], values[4])
-
-
-cdef extern from *:
-    """
-    #include <errno.h>
-    #include <sys/stat.h>
-    #ifdef _WIN32
-    #include <fcntl.h>
-    #include <io.h>
-    #ifndef S_ISDIR
-    #define S_ISDIR(m) (((m) & _S_IFMT) == _S_IFDIR)
-    #endif
-    #ifndef S_ISREG
-    #define S_ISREG(m) (((m) & _S_IFMT) == _S_IFREG)
-    #endif
-    #else
-    #include <fcntl.h>
-    #include <unistd.h>
-    #endif
-
-    /* The first max_bytes bytes of a regular file (fewer if it is shorter) and its size.
-       kind is 0 for a regular file, 1 for a directory and 2 for anything else (a FIFO,
-       device or socket: not opened, so that nothing blocks). Returns 0 or an errno. */
-    static int diffit_read_head(const char *path, char *buffer, long long max_bytes,
-                                long long *got, long long *size, int *kind)
-    {
-        int status = 0;
-    #ifdef _WIN32
-        struct _stati64 info;
-        int fd;
-    #else
-        struct stat info;
-        int fd;
-    #endif
-        *got = 0; *size = 0; *kind = 0;
-    #ifdef _WIN32
-        if (_stati64(path, &info) != 0) return errno;
-    #else
-        while (stat(path, &info) != 0) { if (errno != EINTR) return errno; }
-    #endif
-        if (S_ISDIR(info.st_mode)) { *kind = 1; return 0; }
-        if (!S_ISREG(info.st_mode)) { *kind = 2; return 0; }
-    #ifdef _WIN32
-        fd = _open(path, _O_RDONLY | _O_BINARY);
-        if (fd < 0) return errno;
-        if (_fstati64(fd, &info) != 0) { status = errno; goto finish; }
-        *size = (long long)info.st_size;
-        while (*got < max_bytes) {
-            long long part = max_bytes - *got;
-            int n;
-            if (part > (1 << 30)) part = 1 << 30;
-            n = _read(fd, buffer + *got, (unsigned int)part);
-            if (n < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
-            if (n == 0) break;
-            *got += n;
-        }
-    finish:
-        _close(fd);
-    #else
-        /* O_NONBLOCK: a FIFO put in the file's place since the stat must not hang. */
-        do { fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); } while (fd < 0 && errno == EINTR);
-        if (fd < 0) return errno;
-        if (fstat(fd, &info) != 0) { status = errno; goto finish; }
-        if (!S_ISREG(info.st_mode)) { *kind = S_ISDIR(info.st_mode) ? 1 : 2; goto finish; }
-        *size = (long long)info.st_size;
-        while (*got < max_bytes) {
-            ssize_t n = pread(fd, buffer + *got, (size_t)(max_bytes - *got), (off_t)*got);
-            if (n < 0) { if (errno == EINTR) continue; status = errno; goto finish; }
-            if (n == 0) break;
-            *got += n;
-        }
-    finish:
-        close(fd);
-    #endif
-        return status;
-    }
-    """
-    int diffit_read_head(const char *path, char *buffer, long long max_bytes,
-                         long long *got, long long *size, int *kind)
 
 
 #: What :func:`read_head` reports for a file that is not a regular file.
